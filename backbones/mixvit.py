@@ -1,0 +1,369 @@
+"""MixViT: one hierarchical vision transformer whose token mixer is an argument.
+
+The macro-architecture follows NAT (Hassani et al., "Neighborhood Attention Transformer",
+CVPR 2023): a stride-4 convolutional tokenizer, four stages joined by stride-2
+convolutions, pre-norm blocks with optional LayerScale and stochastic depth. Each stage
+(or each block) names its token mixer from ``visionzoo.mixers``, so mixers can be
+compared inside the same network::
+
+    timm.create_model("mixvit_tiny", mixers=("neighborhood", "neighborhood", "routing", "global"))
+
+Sizes mirror NAT: ``mini``, ``tiny``, ``small`` and ``base`` have NAT's widths, depths,
+heads and MLP ratios.
+
+Keyword arguments of ``timm.create_model`` that name a :class:`MixVitCfg` field replace
+it; ``mixer_<name>=value`` sets the mixer argument ``name`` in every block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import ClassifierHead, get_norm_layer, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch import nn
+
+from visionzoo.blocks import MixStage
+from visionzoo.layers import ConvStem
+
+__all__ = ["MixVit", "MixVitCfg"]
+
+MixerSpec = str | Sequence[str]
+MixerKwargsSpec = Mapping[str, Any] | Sequence[Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class MixVitCfg:
+    """Architecture of a MixViT.
+
+    ``mixers`` and ``mixer_kwargs`` hold one entry per stage; a sequence in place of a
+    single entry is cycled over the stage's blocks (e.g. DiNAT's alternating dilations:
+    ``({"dilation": 1}, {"dilation": 8})``). A single mixer name applies to every stage.
+    """
+
+    embed_dim: tuple[int, ...] = (64, 128, 256, 512)
+    depths: tuple[int, ...] = (2, 4, 18, 5)
+    num_heads: tuple[int, ...] = (2, 4, 8, 16)
+    mixers: MixerSpec | tuple[MixerSpec, ...] = "global"
+    mixer_kwargs: tuple[MixerKwargsSpec, ...] = ()
+    mlp_ratio: float = 3.0
+    mlp_layer: str = "mlp"
+    layer_scale_init: float | None = None
+    norm_layer: str = "layernorm"
+    norm_eps: float = 1e-5
+    block_mixer_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        num_stages = len(self.depths)
+        set_ = partial(object.__setattr__, self)
+        for name in ("embed_dim", "depths", "num_heads"):
+            value = tuple(getattr(self, name))
+            if len(value) != num_stages:
+                raise ValueError(f"{name} has {len(value)} entries for {num_stages} stages")
+            set_(name, value)
+        mixers = (self.mixers,) * num_stages if isinstance(self.mixers, str) else tuple(self.mixers)
+        mixer_kwargs = tuple(self.mixer_kwargs) or ({},) * num_stages
+        for name, value in (("mixers", mixers), ("mixer_kwargs", mixer_kwargs)):
+            if len(value) != num_stages:
+                raise ValueError(f"{name} has {len(value)} entries for {num_stages} stages")
+        set_("mixers", mixers)
+        set_("mixer_kwargs", mixer_kwargs)
+
+    def stage_blocks(self, stage: int) -> tuple[list[str], list[dict[str, Any]]]:
+        """Mixer name and keyword arguments of each block of ``stage``."""
+        depth = self.depths[stage]
+        names, kwargs = self.mixers[stage], self.mixer_kwargs[stage]
+        names = [names] if isinstance(names, str) else list(names)
+        kwargs = [kwargs] if isinstance(kwargs, Mapping) else list(kwargs)
+        if not names or not kwargs:
+            raise ValueError(f"stage {stage} has an empty mixer or mixer_kwargs sequence")
+        names = list(itertools.islice(itertools.cycle(names), depth))
+        kwargs = [{**self.block_mixer_kwargs, **kw} for kw in itertools.islice(itertools.cycle(kwargs), depth)]
+        return names, kwargs
+
+
+class MixVit(nn.Module):
+    """Hierarchical vision transformer with a configurable token mixer per stage.
+
+    Args:
+        cfg: the architecture.
+        num_classes: classifier outputs; 0 for no classifier.
+        in_chans: input image channels.
+        global_pool: pooling before the classifier (``avg``, ``max``, ``avgmax``, ``''``).
+        drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth, rising linearly to this rate over all blocks.
+    """
+
+    def __init__(
+        self,
+        cfg: MixVitCfg,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.grad_checkpointing = False
+        norm_layer = partial(get_norm_layer(cfg.norm_layer), eps=cfg.norm_eps)
+
+        self.stem = ConvStem(in_chans, cfg.embed_dim[0], norm_layer)
+        rates = torch.linspace(0, drop_path_rate, sum(cfg.depths)).split(cfg.depths)
+        stages, self.feature_info = [], []
+        in_dim, reduction = cfg.embed_dim[0], 4
+        for i, (dim, heads) in enumerate(zip(cfg.embed_dim, cfg.num_heads, strict=True)):
+            mixers, mixer_kwargs = cfg.stage_blocks(i)
+            reduction = reduction * 2 if i else reduction
+            stages.append(
+                MixStage(
+                    in_dim,
+                    dim,
+                    mixers=mixers,
+                    mixer_kwargs=mixer_kwargs,
+                    drop_path=rates[i].tolist(),
+                    downsample=i > 0,
+                    norm_layer=norm_layer,
+                    num_heads=heads,
+                    mlp_ratio=cfg.mlp_ratio,
+                    mlp_layer=cfg.mlp_layer,
+                    layer_scale_init=cfg.layer_scale_init,
+                )
+            )
+            self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f"stages.{i}"))
+            in_dim = dim
+        self.stages = nn.Sequential(*stages)
+        self.num_features = self.head_hidden_size = in_dim
+        self.norm = norm_layer(in_dim)
+        self.head = ClassifierHead(in_dim, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC")
+        self.min_input_size = self._min_input_size()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def _min_input_size(self) -> tuple[int, int]:
+        """Smallest (H, W) for which every mixer gets its minimum map; never below the total stride.
+
+        A stage of reduction r sees ceil(H / r) rows, so a mixer needing m rows needs H > r * (m - 1).
+        """
+        min_h = min_w = self.feature_info[-1]["reduction"]
+        for info, stage in zip(self.feature_info, self.stages, strict=True):
+            r = info["reduction"]
+            for block in stage.blocks:
+                need_h, need_w = block.mixer.min_size
+                min_h, min_w = max(min_h, r * (need_h - 1) + 1), max(min_w, r * (need_w - 1) + 1)
+        return min_h, min_w
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        name = getattr(self, "pretrained_cfg", {}).get("architecture", type(self).__name__)
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"{name} expects images (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        min_h, min_w = self.min_input_size
+        if x.shape[2] < min_h or x.shape[3] < min_w:
+            raise ValueError(f"{name} needs inputs of at least {min_h}x{min_w}, got {x.shape[2]}x{x.shape[3]}")
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that mixers exclude from weight decay (e.g. position-bias tables)."""
+        skip = set()
+        for name, module in self.named_modules():
+            if module is not self and hasattr(module, "no_weight_decay"):
+                skip.update(f"{name}.{param}" for param in module.no_weight_decay())
+        return skip
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)"
+            if coarse
+            else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs (and the final features unless ``intermediates_only``).
+
+        Args:
+            x: images ``(B, C, H, W)``.
+            indices: the last n stages if an int, all if None, else these stage indices.
+            norm: apply the final norm to the last stage's output.
+            stop_early: skip stages after the last one asked for.
+            output_fmt: ``NCHW`` or ``NHWC`` for the intermediates.
+            intermediates_only: return only the intermediates.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be NCHW or NHWC, got {output_fmt!r}")
+        self._check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last = len(self.stages) - 1
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
+        intermediates = []
+        x = self.stem(x)
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                out = self.norm(x) if norm and i == last else x
+                intermediates.append(out.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else out)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x) if i == last else x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop stages after the last one in ``indices`` (and the norm and head); returns the kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` to normed channels-last features ``(B, H/32, W/32, C)``."""
+        self._check_input(x)
+        return self.norm(self.stages(self.stem(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+model_cfgs = {
+    "mixvit_mini": MixVitCfg(depths=(3, 4, 6, 5)),
+    "mixvit_tiny": MixVitCfg(depths=(2, 4, 18, 5)),
+    "mixvit_small": MixVitCfg(
+        embed_dim=(96, 192, 384, 768),
+        depths=(3, 4, 18, 5),
+        num_heads=(3, 6, 12, 24),
+        mlp_ratio=2.0,
+        layer_scale_init=1e-5,
+    ),
+    "mixvit_base": MixVitCfg(
+        embed_dim=(128, 256, 512, 1024),
+        depths=(3, 4, 18, 5),
+        num_heads=(4, 8, 16, 32),
+        mlp_ratio=2.0,
+        layer_scale_init=1e-5,
+    ),
+}
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MixVit) -> dict[str, torch.Tensor]:
+    """Unwrap ``{"state_dict": ...}`` / ``{"model": ...}`` containers; keys are already ours."""
+    for container in ("state_dict", "model"):
+        if container in state_dict and isinstance(state_dict[container], Mapping):
+            state_dict = state_dict[container]
+    return dict(state_dict)
+
+
+def _split_cfg_kwargs(cfg: MixVitCfg, kwargs: dict[str, Any]) -> MixVitCfg:
+    """Move MixVitCfg fields and ``mixer_<arg>`` entries out of ``kwargs`` into a new cfg."""
+    fields = {f.name for f in dataclasses.fields(MixVitCfg)}
+    overrides = {name: kwargs.pop(name) for name in list(kwargs) if name in fields}
+    block_mixer_kwargs = {
+        name.removeprefix("mixer_"): kwargs.pop(name) for name in list(kwargs) if name.startswith("mixer_")
+    }
+    if block_mixer_kwargs:
+        overrides["block_mixer_kwargs"] = {**cfg.block_mixer_kwargs, **block_mixer_kwargs}
+    return dataclasses.replace(cfg, **overrides)
+
+
+def _create_mixvit(variant: str, pretrained: bool = False, **kwargs) -> MixVit:
+    cfg = _split_cfg_kwargs(model_cfgs[variant], kwargs)
+    return build_model_with_cfg(
+        MixVit,
+        variant,
+        pretrained,
+        cfg=cfg,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs) -> dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "min_input_size": (3, 32, 32),
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.conv1",
+        "classifier": "head.fc",
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({name: _cfg() for name in model_cfgs})
+
+
+@register_model
+def mixvit_mini(pretrained: bool = False, **kwargs) -> MixVit:
+    return _create_mixvit("mixvit_mini", pretrained, **kwargs)
+
+
+@register_model
+def mixvit_tiny(pretrained: bool = False, **kwargs) -> MixVit:
+    return _create_mixvit("mixvit_tiny", pretrained, **kwargs)
+
+
+@register_model
+def mixvit_small(pretrained: bool = False, **kwargs) -> MixVit:
+    return _create_mixvit("mixvit_small", pretrained, **kwargs)
+
+
+@register_model
+def mixvit_base(pretrained: bool = False, **kwargs) -> MixVit:
+    return _create_mixvit("mixvit_base", pretrained, **kwargs)

@@ -1,0 +1,25 @@
+"""Functional attention ops: a PyTorch reference per op, fast backends and their dispatch."""
+
+if __name__ != "visionzoo.kernels":
+    raise ImportError(
+        f"this package is visionzoo.kernels; importing it as {__name__!r} would load a second copy. "
+        "Install visionzoo (pip install -e .) and import visionzoo.kernels."
+    )
+
+from .attention import dense_attention, dense_attention_reference
+from .dispatch import ENV_VAR, Capability, KernelOp, get_op, is_exporting, list_ops, use_backend
+from .windows import crop_map, pad_to_multiple
+
+__all__ = [
+    "ENV_VAR",
+    "Capability",
+    "KernelOp",
+    "crop_map",
+    "dense_attention",
+    "dense_attention_reference",
+    "get_op",
+    "is_exporting",
+    "list_ops",
+    "pad_to_multiple",
+    "use_backend",
+]

@@ -1,0 +1,70 @@
+"""Dense multi-head attention with an optional additive bias or boolean mask.
+
+Tensors are ``(B, heads, N, head_dim)`` for queries and ``(B, heads, M, head_dim)`` for
+keys and values; ``bias`` broadcasts to ``(B, heads, N, M)``: a float tensor is added to
+the logits, a boolean tensor keeps the positions where it is True.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import AUTO, Capability, KernelOp
+
+__all__ = ["dense_attention", "dense_attention_reference"]
+
+
+def dense_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Explicit softmax attention; the softmax runs in at least float32 precision."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else logits + bias
+    weights = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1).to(v.dtype)
+    return weights @ v
+
+
+_op = KernelOp("dense_attention", dense_attention_reference)
+
+
+def can_run_sdpa(q, k, v, bias=None, scale=None) -> Capability:
+    if not q.dtype == k.dtype == v.dtype:
+        return Capability.no(f"mixed dtypes q={q.dtype} k={k.dtype} v={v.dtype}")
+    if not q.dtype.is_floating_point:
+        return Capability.no(f"dtype {q.dtype} is not floating point")
+    if bias is not None and bias.dtype not in (torch.bool, q.dtype):
+        return Capability.no(f"bias dtype {bias.dtype} is neither bool nor {q.dtype}")
+    return Capability.yes()
+
+
+@_op.register("sdpa", can_run_sdpa)
+def dense_attention_sdpa(q, k, v, bias=None, scale=None):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = AUTO,
+) -> torch.Tensor:
+    """Multi-head attention ``softmax(q k^T * scale + bias) v``.
+
+    Args:
+        q: queries ``(B, heads, N, head_dim)``.
+        k: keys ``(B, heads, M, head_dim)``.
+        v: values ``(B, heads, M, head_dim_v)``.
+        bias: additive float bias or boolean keep-mask, broadcastable to ``(B, heads, N, M)``.
+        scale: logit scale; ``head_dim ** -0.5`` when None.
+        backend: ``"auto"``, ``"reference"`` or ``"sdpa"`` (see :mod:`visionzoo.kernels.dispatch`).
+    """
+    return _op(q, k, v, bias, scale, backend=backend)

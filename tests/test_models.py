@@ -1,0 +1,175 @@
+"""Zoo-wide tests over every model that ``import visionzoo`` registers with timm."""
+
+import pytest
+import timm
+import timm.optim
+import torch
+from safetensors.torch import load_model, save_model
+
+from conftest import MODELS
+
+SMALL = 64
+ODD_SIZES = [(200, 232), (97, 131)]
+
+
+def _create(name, **kwargs):
+    return timm.create_model(name, **kwargs)
+
+
+def _min_size(model):
+    return model.pretrained_cfg["min_input_size"][1:]
+
+
+def test_registry_is_discovered():
+    assert {"mixvit_mini", "mixvit_tiny", "mixvit_small", "mixvit_base"} <= set(MODELS)
+    assert set(timm.list_models("mixvit*")) >= {"mixvit_tiny"}
+
+
+@pytest.mark.smoke
+def test_mixvit_tiny_matches_nat_tiny_size():
+    model = _create("mixvit_tiny")
+    assert model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+    assert 27e6 < sum(p.numel() for p in model.parameters()) < 29e6  # NAT-Tiny: 28M
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_backward(name):
+    model = _create(name, num_classes=7)
+    out = model(torch.randn(2, 3, SMALL, SMALL))
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+    out.logsumexp(-1).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("size", ODD_SIZES)
+def test_odd_sizes(name, size):
+    model = _create(name, num_classes=5).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, *size)).shape == (1, 5)
+        features = model.forward_features(torch.randn(1, 3, *size))
+    assert features.shape == (1, -(-size[0] // 32), -(-size[1] // 32), model.num_features)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_minimum_size(name):
+    model = _create(name).eval()
+    min_h, min_w = _min_size(model)
+    assert tuple(model.min_input_size) == (min_h, min_w), "pretrained_cfg['min_input_size'] is out of date"
+    with torch.no_grad():
+        model(torch.randn(1, 3, min_h, min_w))
+    for size in [(min_h - 1, min_w), (min_h, min_w - 1)]:
+        with pytest.raises(ValueError, match=rf"needs inputs of at least {min_h}x{min_w}, got {size[0]}x{size[1]}"):
+            model(torch.randn(1, 3, *size))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_wrong_channels(name):
+    model = _create(name)
+    with pytest.raises(ValueError, match=rf"{name} expects images \(B, 3, H, W\), got \(1, 1, 64, 64\)"):
+        model(torch.randn(1, 1, SMALL, SMALL))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_features_only(name):
+    model = _create(name, features_only=True)
+    reductions = model.feature_info.reduction()
+    channels = model.feature_info.channels()
+    assert reductions == [4, 8, 16, 32]
+    size = (96, 160)
+    features = model(torch.randn(2, 3, *size))
+    assert [f.shape for f in features] == [
+        (2, c, size[0] // r, size[1] // r) for c, r in zip(channels, reductions, strict=True)
+    ]
+    subset = _create(name, features_only=True, out_indices=(1, 3))
+    assert subset.feature_info.reduction() == [8, 32]
+    assert [f.shape[1] for f in subset(torch.randn(1, 3, SMALL, SMALL))] == channels[1::2]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_intermediates(name):
+    model = _create(name).eval()
+    x = torch.randn(1, 3, SMALL, SMALL)
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        assert len(intermediates) == 4
+        nhwc = model.forward_intermediates(x, indices=[0, 2], output_fmt="NHWC", intermediates_only=True)
+        torch.testing.assert_close(nhwc[0], intermediates[0].permute(0, 2, 3, 1))
+        torch.testing.assert_close(nhwc[1], intermediates[2].permute(0, 2, 3, 1))
+        early = model.forward_intermediates(x, indices=2, stop_early=True, intermediates_only=True)
+        torch.testing.assert_close(early[1], intermediates[3])
+        normed = model.forward_intermediates(x, indices=1, norm=True, intermediates_only=True)
+        torch.testing.assert_close(normed[0], final.permute(0, 3, 1, 2))
+        kept = model.prune_intermediate_layers(indices=(0, 1))
+        assert kept == [0, 1] and len(model.stages) == 2 and model.num_classes == 0
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_reset_classifier_and_pre_logits(name):
+    model = _create(name).eval()
+    x = torch.randn(1, 3, SMALL, SMALL)
+    with torch.no_grad():
+        pre = model.forward_head(model.forward_features(x), pre_logits=True)
+        assert pre.shape == (1, model.num_features)
+        model.reset_classifier(0)
+        assert model.get_classifier().__class__ is torch.nn.Identity
+        torch.testing.assert_close(model(x), pre)
+        model.reset_classifier(13)
+        assert model(x).shape == (1, 13) and model.num_classes == 13
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_grad_checkpointing_is_exact(name):
+    model = _create(name, num_classes=3)
+    x = torch.randn(2, 3, SMALL, SMALL)
+
+    def run():
+        model.zero_grad()
+        out = model(x)
+        out.sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain_out, plain_grads = run()
+    model.set_grad_checkpointing(True)
+    ckpt_out, ckpt_grads = run()
+    torch.testing.assert_close(ckpt_out, plain_out, atol=1e-6, rtol=1e-5)
+    for n in plain_grads:
+        torch.testing.assert_close(ckpt_grads[n], plain_grads[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_eval_is_deterministic(name):
+    model = _create(name, drop_rate=0.2, drop_path_rate=0.3).eval()
+    x = torch.randn(2, 3, SMALL, SMALL)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x), atol=0, rtol=0)
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x)), "drop path / dropout inactive in train mode"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_safetensors_round_trip(name, tmp_path):
+    model = _create(name, num_classes=4).eval()
+    path = tmp_path / f"{name}.safetensors"
+    save_model(model, str(path))
+    torch.manual_seed(123)
+    restored = _create(name, num_classes=4).eval()
+    missing, unexpected = load_model(restored, str(path))
+    assert not missing and not unexpected
+    x = torch.randn(1, 3, SMALL, SMALL)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), model(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_optimizer_api(name):
+    model = _create(name)
+    matcher = model.group_matcher()
+    assert set(matcher) == {"stem", "blocks"}
+    groups = timm.optim.param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.75)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert model.no_weight_decay() <= {n for n, _ in model.named_parameters()}
+    timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75)
