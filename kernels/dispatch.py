@@ -133,6 +133,12 @@ class KernelOp:
 
         return decorator
 
+    def supports(self, backend: str, *args, **kwargs) -> Capability:
+        """Whether ``backend`` can run these arguments, and why not."""
+        if backend not in self._backends:
+            return Capability.no(f"{self.name} has no backend {backend!r}")
+        return self._backends[backend].can_run(*args, **kwargs)
+
     def choose(self, *args, backend: str = AUTO, **kwargs) -> str:
         """Name of the backend a call with these arguments would run."""
         if is_exporting():
@@ -150,12 +156,12 @@ class KernelOp:
                 _log.debug("%s: no backend %r, choosing automatically", self.name, backend)
                 backend = AUTO
         if backend != AUTO:
-            verdict = self._backends[backend].can_run(*args, **kwargs)
+            verdict = self.supports(backend, *args, **kwargs)
             if not verdict:
                 raise RuntimeError(f"{self.name}: backend {backend!r} cannot run these inputs: {verdict.reason}")
             return backend
         for name in self.backends:
-            verdict = self._backends[name].can_run(*args, **kwargs)
+            verdict = self.supports(name, *args, **kwargs)
             if verdict:
                 return name
             _log.debug("%s: %s declined: %s", self.name, name, verdict.reason)

@@ -26,7 +26,9 @@ def _qkv(dtype=torch.float32, batch=2, heads=3, n=17, m=23, dim=8, requires_grad
 
 
 def _grads(out, tensors):
-    grad_out = torch.randn_like(out, generator=torch.Generator().manual_seed(1))
+    # randn, not randn_like: outputs may be strided differently (SDPA on CUDA), and randn_like follows the strides
+    generator = torch.Generator(out.device).manual_seed(1)
+    grad_out = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
     return torch.autograd.grad(out, tensors, grad_out)
 
 
@@ -185,3 +187,22 @@ def test_exportable_flag_makes_mixers_take_reference(monkeypatch):
     assert mixer.kernel_backend == "sdpa"
     with set_layer_config(exportable=True):
         assert mixer.kernel_backend == "reference"
+
+
+CUDA_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", list(CUDA_TOL))
+@pytest.mark.parametrize("shape", [(2, 4, 3136, 32), (8, 8, 196, 64), (1, 2, 77, 128)])
+def test_dense_attention_backends_on_cuda(dtype, shape):
+    _, heads, tokens, _ = shape
+    q, k, v = (torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, heads, tokens, tokens, device="cuda", dtype=dtype)
+    expected = dense_attention_reference(q, k, v, bias)
+    assert DENSE.choose(q, k, v, bias, None) == "sdpa"
+    actual = dense_attention(q, k, v, bias)
+    tol = CUDA_TOL[dtype]
+    torch.testing.assert_close(actual, expected, atol=tol, rtol=tol)
+    for got, want in zip(_grads(actual, [q, k, v]), _grads(expected, [q, k, v]), strict=True):
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)

@@ -173,3 +173,20 @@ def test_optimizer_api(name):
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     assert model.no_weight_decay() <= {n for n, _ in model.named_parameters()}
     timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_training_step(name, dtype):
+    model = _create(name, num_classes=10).cuda()
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        loss = torch.nn.functional.cross_entropy(model(x), torch.arange(4, device="cuda"))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+        reference = _create(name, num_classes=10, mixer_backend="reference").cuda().eval()
+        reference.load_state_dict(model.state_dict())
+        torch.testing.assert_close(model.eval()(x).float(), reference(x).float(), atol=5e-2, rtol=5e-2)

@@ -24,12 +24,42 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from visionzoo.bench import OP_CASES, bench_op, format_markdown, write_csv
+
+    rows = []
+    for name in args.op or list(OP_CASES):
+        rows += bench_op(
+            name,
+            device=args.device,
+            dtype=getattr(torch, args.dtype),
+            backward=not args.forward_only,
+            min_run_time=args.min_run_time,
+        )
+    print(format_markdown(rows))
+    if args.csv:
+        with open(args.csv, "w", newline="") as stream:
+            write_csv(rows, stream)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionzoo", description="visionzoo: vision backbones for timm.")
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="list registered models, mixers, kernel ops or packaged recipes")
     listing.add_argument("what", choices=LISTABLE)
     listing.set_defaults(run=_list)
+
+    bench = commands.add_parser("bench", help="time every backend of kernel ops side by side")
+    bench.add_argument("--op", action="append", help="kernel op to time (repeatable; default: all with cases)")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    bench.add_argument("--forward-only", action="store_true", help="skip the forward+backward timings")
+    bench.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timed runs per figure")
+    bench.add_argument("--csv", help="also write the rows to this CSV file")
+    bench.set_defaults(run=_bench)
     return parser
 
 

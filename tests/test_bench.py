@@ -1,0 +1,44 @@
+"""The benchmark command's machinery (timings themselves live in docs/benchmarks.md)."""
+
+import io
+
+import pytest
+
+from visionzoo import bench
+from visionzoo.cli import main
+
+
+@pytest.fixture
+def tiny_cases(monkeypatch):
+    monkeypatch.setitem(bench.OP_CASES, "dense_attention", [bench._dense_case(1, 2, 16, 8)])
+
+
+def test_bench_op_times_every_backend_against_reference(tiny_cases):
+    rows = bench.bench_op("dense_attention", min_run_time=0.01)
+    assert [(r.mode, r.backend) for r in rows] == [
+        ("forward", "reference"),
+        ("forward", "sdpa"),
+        ("forward+backward", "reference"),
+        ("forward+backward", "sdpa"),
+    ]
+    assert all(r.median_ms > 0 and r.speedup > 0 for r in rows)
+    assert rows[0].speedup == 1.0 and rows[0].dtype == "float32" and rows[0].device == "cpu"
+    table = bench.format_markdown(rows)
+    assert table.count("\n") == len(rows) + 1 and "| dense_attention | B=1 heads=2 N=16 d=8 |" in table
+    stream = io.StringIO()
+    bench.write_csv(rows, stream)
+    assert stream.getvalue().splitlines()[0].startswith("op,case,device,dtype,mode,backend,median_ms")
+
+
+def test_bench_cli_writes_csv(tiny_cases, tmp_path, capsys):
+    path = tmp_path / "ops.csv"
+    assert (
+        main(["bench", "--op", "dense_attention", "--forward-only", "--min-run-time", "0.01", "--csv", str(path)]) == 0
+    )
+    assert "forward+backward" not in capsys.readouterr().out
+    assert len(path.read_text().splitlines()) == 3
+
+
+def test_bench_unknown_op_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown kernel op 'nope'"):
+        bench.bench_op("nope")
