@@ -6,6 +6,7 @@ if __name__ != "visionzoo.backbones":
         "Install visionzoo (pip install -e .) and import visionzoo."
     )
 
+from . import nat
 from .mixvit import MixVit, MixVitCfg
 
-__all__ = ["MixVit", "MixVitCfg"]
+__all__ = ["MixVit", "MixVitCfg", "nat"]

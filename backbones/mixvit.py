@@ -34,7 +34,7 @@ from torch import nn
 from visionzoo.blocks import MixStage
 from visionzoo.layers import ConvStem
 
-__all__ = ["MixVit", "MixVitCfg"]
+__all__ = ["MixVit", "MixVitCfg", "build_mixvit", "mixvit_cfg"]
 
 MixerSpec = str | Sequence[str]
 MixerKwargsSpec = Mapping[str, Any] | Sequence[Mapping[str, Any]]
@@ -277,13 +277,16 @@ class MixVit(nn.Module):
 
 model_cfgs = {
     "mixvit_mini": MixVitCfg(depths=(3, 4, 6, 5)),
-    "mixvit_tiny": MixVitCfg(depths=(2, 4, 18, 5)),
+    "mixvit_tiny": MixVitCfg(depths=(3, 4, 18, 5)),
     "mixvit_small": MixVitCfg(
         embed_dim=(96, 192, 384, 768),
         depths=(3, 4, 18, 5),
         num_heads=(3, 6, 12, 24),
         mlp_ratio=2.0,
         layer_scale_init=1e-5,
+    ),
+    "mixvit_tiny_neighborhood": MixVitCfg(
+        depths=(3, 4, 18, 5), mixers="neighborhood", block_mixer_kwargs={"kernel_size": 7}
     ),
     "mixvit_base": MixVitCfg(
         embed_dim=(128, 256, 512, 1024),
@@ -315,20 +318,25 @@ def _split_cfg_kwargs(cfg: MixVitCfg, kwargs: dict[str, Any]) -> MixVitCfg:
     return dataclasses.replace(cfg, **overrides)
 
 
-def _create_mixvit(variant: str, pretrained: bool = False, **kwargs) -> MixVit:
-    cfg = _split_cfg_kwargs(model_cfgs[variant], kwargs)
+def build_mixvit(variant: str, cfg: MixVitCfg, pretrained: bool = False, filter_fn=None, **kwargs) -> MixVit:
+    """Build a :class:`MixVit` through timm: ``kwargs`` naming cfg fields override ``cfg``."""
     return build_model_with_cfg(
         MixVit,
         variant,
         pretrained,
-        cfg=cfg,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        cfg=_split_cfg_kwargs(cfg, kwargs),
+        pretrained_filter_fn=filter_fn or checkpoint_filter_fn,
         feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
         **kwargs,
     )
 
 
-def _cfg(**kwargs) -> dict[str, Any]:
+def _create_mixvit(variant: str, pretrained: bool = False, **kwargs) -> MixVit:
+    return build_mixvit(variant, model_cfgs[variant], pretrained, **kwargs)
+
+
+def mixvit_cfg(**kwargs) -> dict[str, Any]:
+    """timm pretrained cfg of a MixViT-layout model (module names of the stem and head)."""
     return {
         "url": "",
         "num_classes": 1000,
@@ -346,7 +354,7 @@ def _cfg(**kwargs) -> dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs({name: _cfg() for name in model_cfgs})
+default_cfgs = generate_default_cfgs({name: mixvit_cfg() for name in model_cfgs})
 
 
 @register_model
@@ -367,3 +375,8 @@ def mixvit_small(pretrained: bool = False, **kwargs) -> MixVit:
 @register_model
 def mixvit_base(pretrained: bool = False, **kwargs) -> MixVit:
     return _create_mixvit("mixvit_base", pretrained, **kwargs)
+
+
+@register_model
+def mixvit_tiny_neighborhood(pretrained: bool = False, **kwargs) -> MixVit:
+    return _create_mixvit("mixvit_tiny_neighborhood", pretrained, **kwargs)

@@ -8,6 +8,7 @@ if __name__ != "visionzoo.kernels":
 
 from .attention import dense_attention, dense_attention_reference
 from .dispatch import ENV_VAR, Capability, KernelOp, get_op, is_exporting, list_ops, use_backend
+from .neighborhood import neighborhood_attention, neighborhood_attention_reference, neighborhood_windows
 from .windows import crop_map, pad_to_multiple
 
 __all__ = [
@@ -20,6 +21,9 @@ __all__ = [
     "get_op",
     "is_exporting",
     "list_ops",
+    "neighborhood_attention",
+    "neighborhood_attention_reference",
+    "neighborhood_windows",
     "pad_to_multiple",
     "use_backend",
 ]

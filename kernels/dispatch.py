@@ -77,6 +77,11 @@ def _always(*args, **kwargs) -> Capability:
 class _Backend:
     fn: Callable
     can_run: Callable[..., Capability]
+    auto_devices: tuple[str, ...] | None = None
+
+
+def _device_type(args: tuple) -> str | None:
+    return next((a.device.type for a in args if isinstance(a, torch.Tensor)), None)
 
 
 def is_exporting() -> bool:
@@ -120,15 +125,21 @@ class KernelOp:
         fast = [b for b in self._backends if b != REFERENCE]
         return [*fast, REFERENCE]
 
-    def register(self, name: str, can_run: Callable[..., Capability]) -> Callable[[Callable], Callable]:
-        """Decorator registering ``fn`` as backend ``name``, gated by ``can_run(*args, **kwargs)``."""
+    def register(
+        self, name: str, can_run: Callable[..., Capability], auto_devices: tuple[str, ...] | None = None
+    ) -> Callable[[Callable], Callable]:
+        """Decorator registering ``fn`` as backend ``name``, gated by ``can_run(*args, **kwargs)``.
+
+        ``auto_devices`` limits automatic choice to these device types (where the backend was
+        measured faster than ``reference``); it still runs anywhere when forced.
+        """
         if name not in BACKENDS:
             raise ValueError(f"{self.name}: backend names are {BACKENDS}, got {name!r}")
         if name in self._backends:
             raise ValueError(f"{self.name}: backend {name!r} is already registered")
 
         def decorator(fn: Callable) -> Callable:
-            self._backends[name] = _Backend(fn, can_run)
+            self._backends[name] = _Backend(fn, can_run, auto_devices)
             return fn
 
         return decorator
@@ -160,7 +171,12 @@ class KernelOp:
             if not verdict:
                 raise RuntimeError(f"{self.name}: backend {backend!r} cannot run these inputs: {verdict.reason}")
             return backend
+        device = _device_type(args)
         for name in self.backends:
+            auto_devices = self._backends[name].auto_devices
+            if auto_devices is not None and device not in auto_devices:
+                _log.debug("%s: %s is not chosen automatically on %s", self.name, name, device)
+                continue
             verdict = self.supports(name, *args, **kwargs)
             if verdict:
                 return name

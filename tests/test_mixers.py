@@ -98,6 +98,14 @@ def test_pad_to_multiple_and_crop_round_trip(layout, multiple):
     torch.testing.assert_close(crop_map(padded, size), x, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("min_size, multiple, expected", [(12, 1, (12, 13)), ((3, 20), 4, (12, 20)), (15, 7, (21, 21))])
+def test_pad_to_minimum_size(min_size, multiple, expected):
+    x = torch.randn(1, 10, 13, 2)
+    padded, size = pad_to_multiple(x, multiple, min_size=min_size)
+    assert padded.shape[1:3] == expected and size == (10, 13)
+    torch.testing.assert_close(crop_map(padded, size), x)
+
+
 def test_pad_to_multiple_rejects_non_positive():
     with pytest.raises(ValueError, match="multiple must be positive"):
         pad_to_multiple(torch.zeros(1, 4, 4, 2), 0)

@@ -1,7 +1,11 @@
-"""Benchmarks: every backend of a kernel op side by side, in one process.
+"""Benchmarks and model statistics.
 
-Each figure is the median of ``torch.utils.benchmark`` blocked runs (CUDA-synchronised),
-with the interquartile range as spread and the speed-up over the ``reference`` backend.
+Kernel ops: every backend side by side, in one process. Each figure is the median of
+``torch.utils.benchmark`` blocked runs (CUDA-synchronised), with the interquartile range as
+spread and the speed-up over the ``reference`` backend.
+
+Models: parameters and multiply-accumulates counted by ``torch.utils.flop_counter`` with the
+reference kernels (whose matmuls it sees), attention included.
 """
 
 from __future__ import annotations
@@ -12,13 +16,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
+import timm
 import torch
 from torch.utils import benchmark
+from torch.utils.flop_counter import FlopCounterMode
 
-from visionzoo.kernels import get_op
+from visionzoo.kernels import get_op, use_backend
 from visionzoo.kernels.dispatch import REFERENCE, KernelOp
 
-__all__ = ["OP_CASES", "OpTiming", "bench_op", "format_markdown", "write_csv"]
+__all__ = [
+    "OP_CASES",
+    "ModelStats",
+    "OpTiming",
+    "bench_op",
+    "format_markdown",
+    "format_model_markdown",
+    "model_stats",
+    "write_csv",
+]
 
 
 @dataclass(frozen=True)
@@ -114,3 +129,32 @@ def write_csv(rows: list[OpTiming], stream: TextIO) -> None:
     writer = csv.DictWriter(stream, fieldnames=[f.name for f in dataclasses.fields(OpTiming)])
     writer.writeheader()
     writer.writerows(dataclasses.asdict(r) for r in rows)
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    model: str
+    params: int
+    gmacs: float
+    input_size: tuple[int, int]
+    min_input_size: tuple[int, int]
+
+
+def model_stats(name: str, input_size: tuple[int, int] | None = None) -> ModelStats:
+    """Parameters and GMACs (what papers call FLOPs) of one forward pass at batch 1."""
+    model = timm.create_model(name).eval()
+    size = input_size or model.pretrained_cfg["input_size"][1:]
+    with torch.no_grad(), use_backend(REFERENCE), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, *size))
+    params = sum(p.numel() for p in model.parameters())
+    return ModelStats(name, params, counter.get_total_flops() / 2e9, tuple(size), tuple(model.min_input_size))
+
+
+def format_model_markdown(rows: list[ModelStats]) -> str:
+    lines = ["| model | params | GMACs | at | min input |", "| --- | ---: | ---: | --- | --- |"]
+    lines += [
+        f"| {r.model} | {r.params:,} | {r.gmacs:.2f} | {r.input_size[0]}x{r.input_size[1]} "
+        f"| {r.min_input_size[0]}x{r.min_input_size[1]} |"
+        for r in rows
+    ]
+    return "\n".join(lines)

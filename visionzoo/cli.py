@@ -45,6 +45,19 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stats(args: argparse.Namespace) -> int:
+    import visionzoo
+    from visionzoo.bench import format_model_markdown, model_stats
+
+    names = sorted({name for pattern in args.patterns for name in visionzoo.list_models(pattern)})
+    if not names:
+        print(f"no visionzoo model matches {args.patterns}", file=sys.stderr)
+        return 1
+    size = (args.img_size, args.img_size) if args.img_size else None
+    print(format_model_markdown([model_stats(name, size) for name in names]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionzoo", description="visionzoo: vision backbones for timm.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timed runs per figure")
     bench.add_argument("--csv", help="also write the rows to this CSV file")
     bench.set_defaults(run=_bench)
+
+    stats = commands.add_parser("stats", help="parameters and GMACs of models, as a markdown table")
+    stats.add_argument("patterns", nargs="*", default=["*"], help="model name patterns (default: all)")
+    stats.add_argument("--img-size", type=int, help="square input size (default: each model's input_size)")
+    stats.set_defaults(run=_stats)
     return parser
 
 

@@ -1,0 +1,150 @@
+"""NAT and DiNAT: neighborhood attention transformers with the official checkpoints.
+
+Papers: Hassani et al., "Neighborhood Attention Transformer" (CVPR 2023) and Hassani and
+Shi, "Dilated Neighborhood Attention Transformer" (2022). Reference code:
+SHI-Labs/Neighborhood-Attention-Transformer (``classification/nat.py``, ``dinat.py``).
+
+Both are a :class:`~visionzoo.backbones.mixvit.MixVit` with the ``neighborhood`` mixer
+(k=7, relative position bias); DiNAT alternates dilations inside each stage. The official
+layout downsamples at the end of a level, ours at the start of the next stage: the
+computation is the same, and :func:`checkpoint_filter_fn` renames the official keys.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from timm.models import generate_default_cfgs, register_model
+
+from .mixvit import MixVit, MixVitCfg, build_mixvit, mixvit_cfg
+from .mixvit import checkpoint_filter_fn as unwrap_state_dict
+
+__all__ = ["checkpoint_filter_fn"]
+
+_NA = {"kernel_size": 7}
+
+
+def _nat(depths, num_heads, embed_dim, mlp_ratio, layer_scale_init=None, dilations=None) -> MixVitCfg:
+    return MixVitCfg(
+        embed_dim=tuple(embed_dim * 2**i for i in range(4)),
+        depths=depths,
+        num_heads=num_heads,
+        mixers="neighborhood",
+        mixer_kwargs=tuple(tuple({"dilation": d} for d in stage) for stage in dilations) if dilations else (),
+        block_mixer_kwargs=_NA,
+        mlp_ratio=mlp_ratio,
+        layer_scale_init=layer_scale_init,
+    )
+
+
+# DiNAT's per-stage dilation cycles at 224x224 (dinat.py): 1,8,1 / 1,4,1,4 / 1,2,... / 1,...
+_DILATIONS = ((1, 8), (1, 4), (1, 2), (1,))
+
+model_cfgs = {
+    "nat_mini": _nat((3, 4, 6, 5), (2, 4, 8, 16), 64, 3.0),
+    "nat_tiny": _nat((3, 4, 18, 5), (2, 4, 8, 16), 64, 3.0),
+    "nat_small": _nat((3, 4, 18, 5), (3, 6, 12, 24), 96, 2.0, layer_scale_init=1e-5),
+    "nat_base": _nat((3, 4, 18, 5), (4, 8, 16, 32), 128, 2.0, layer_scale_init=1e-5),
+    "dinat_mini": _nat((3, 4, 6, 5), (2, 4, 8, 16), 64, 3.0, dilations=_DILATIONS),
+    "dinat_tiny": _nat((3, 4, 18, 5), (2, 4, 8, 16), 64, 3.0, dilations=_DILATIONS),
+    "dinat_small": _nat((3, 4, 18, 5), (3, 6, 12, 24), 96, 2.0, dilations=_DILATIONS),
+    "dinat_base": _nat((3, 4, 18, 5), (4, 8, 16, 32), 128, 2.0, layer_scale_init=1e-5, dilations=_DILATIONS),
+}
+
+# Official key -> ours; applied in order, first match wins.
+_KEY_RULES = [
+    (r"^patch_embed\.proj\.0\.", "stem.conv1."),
+    (r"^patch_embed\.proj\.1\.", "stem.conv2."),
+    (r"^patch_embed\.norm\.", "stem.norm."),
+    (r"^levels\.(\d+)\.blocks\.(\d+)\.attn\.", r"stages.\1.blocks.\2.mixer."),
+    (r"^levels\.(\d+)\.blocks\.(\d+)\.gamma1$", r"stages.\1.blocks.\2.ls1.gamma"),
+    (r"^levels\.(\d+)\.blocks\.(\d+)\.gamma2$", r"stages.\1.blocks.\2.ls2.gamma"),
+    (r"^levels\.(\d+)\.blocks\.", r"stages.\1.blocks."),
+    (r"^head\.", "head.fc."),
+]
+_DOWNSAMPLE = re.compile(r"^levels\.(\d+)\.downsample\.(reduction|norm)\.")
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: MixVit) -> dict[str, torch.Tensor]:
+    """Map an official NAT/DiNAT state dict (``levels.*``, ``patch_embed.*``) onto ours.
+
+    A state dict already in our layout passes through; ``{"model": ...}`` and
+    ``{"state_dict": ...}`` containers are unwrapped.
+    """
+    state_dict = unwrap_state_dict(dict(state_dict), model)
+    if not any(key.startswith(("levels.", "patch_embed.")) for key in state_dict):
+        return state_dict
+    out = {}
+    for key, value in state_dict.items():
+        if match := _DOWNSAMPLE.match(key):
+            part = "conv" if match[2] == "reduction" else "norm"
+            key = f"stages.{int(match[1]) + 1}.downsample.{part}.{key[match.end() :]}"
+        else:
+            for pattern, replacement in _KEY_RULES:
+                key, count = re.subn(pattern, replacement, key)
+                if count:
+                    break
+        out[key] = value
+    return out
+
+
+def _create_nat(variant: str, pretrained: bool = False, **kwargs) -> MixVit:
+    return build_mixvit(variant, model_cfgs[variant], pretrained, filter_fn=checkpoint_filter_fn, **kwargs)
+
+
+def _cfg(url: str, **kwargs) -> dict[str, Any]:
+    return mixvit_cfg(url=url, crop_pct=0.875, license="mit", **kwargs)
+
+
+_NAT_URL = "https://shi-labs.com/projects/nat/checkpoints/CLS/{}.pth"
+_DINAT_URL = "https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/{}_in1k_224.pth"
+
+default_cfgs = generate_default_cfgs(
+    {
+        **{f"{name}.in1k": _cfg(_NAT_URL.format(name)) for name in model_cfgs if name.startswith("nat_")},
+        **{f"{name}.in1k": _cfg(_DINAT_URL.format(name)) for name in model_cfgs if name.startswith("dinat_")},
+    }
+)
+
+
+@register_model
+def nat_mini(pretrained: bool = False, **kwargs) -> MixVit:
+    return _create_nat("nat_mini", pretrained, **kwargs)
+
+
+@register_model
+def nat_tiny(pretrained: bool = False, **kwargs) -> MixVit:
+    return _create_nat("nat_tiny", pretrained, **kwargs)
+
+
+@register_model
+def nat_small(pretrained: bool = False, **kwargs) -> MixVit:
+    return _create_nat("nat_small", pretrained, **kwargs)
+
+
+@register_model
+def nat_base(pretrained: bool = False, **kwargs) -> MixVit:
+    return _create_nat("nat_base", pretrained, **kwargs)
+
+
+@register_model
+def dinat_mini(pretrained: bool = False, **kwargs) -> MixVit:
+    return _create_nat("dinat_mini", pretrained, **kwargs)
+
+
+@register_model
+def dinat_tiny(pretrained: bool = False, **kwargs) -> MixVit:
+    return _create_nat("dinat_tiny", pretrained, **kwargs)
+
+
+@register_model
+def dinat_small(pretrained: bool = False, **kwargs) -> MixVit:
+    return _create_nat("dinat_small", pretrained, **kwargs)
+
+
+@register_model
+def dinat_base(pretrained: bool = False, **kwargs) -> MixVit:
+    return _create_nat("dinat_base", pretrained, **kwargs)

@@ -1,0 +1,274 @@
+"""2D neighborhood attention (NAT, DiNAT) with optional relative position bias.
+
+Each query attends to a ``kernel_size x kernel_size`` window of keys spaced ``dilation``
+apart. NATTEN's border rule: within each dilation group (positions congruent modulo the
+dilation) the window is centred on the query and shifted, never shrunk, where it would
+cross the border; so H and W must be at least ``kernel_size * dilation``. The relative
+position bias table ``rpb`` of shape ``(heads, 2k-1, 2k-1)`` is indexed by the key's offset
+from the query in dilated steps, as in NATTEN <= 0.17 (which NAT/DiNAT were trained with).
+
+Tensors are ``(B, heads, H, W, head_dim)``. Backends:
+
+- ``reference``: window gathers in PyTorch, one kernel row at a time, with a hand-written
+  backward that recomputes the gathers, so memory stays O(H*W*k^2) per head.
+- ``natten``: ``natten.na2d`` (no RPB; forward only on CPU, where natten runs flex).
+- ``flex``: ``flex_attention`` with a block mask of the neighbourhoods and the RPB as a
+  score modification (CUDA; forward only on CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .dispatch import AUTO, Capability, KernelOp, is_exporting
+
+__all__ = ["neighborhood_attention", "neighborhood_attention_reference", "neighborhood_windows"]
+
+
+@functools.lru_cache(maxsize=256)
+def _windows_1d(length: int, kernel_size: int, dilation: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    index = torch.arange(length, device=device)
+    group, position = index % dilation, index // dilation
+    group_length = (length - group + dilation - 1) // dilation
+    start = torch.minimum((position - kernel_size // 2).clamp(min=0), group_length - kernel_size)
+    steps = torch.arange(kernel_size, device=device)
+    keys = (start * dilation + group)[:, None] + steps * dilation
+    bias = (start - position + kernel_size - 1)[:, None] + steps
+    return keys, bias
+
+
+def neighborhood_windows(
+    length: int, kernel_size: int, dilation: int = 1, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key positions and RPB-table indices of every query along one axis.
+
+    Returns:
+        ``keys`` and ``bias_index``, both ``(length, kernel_size)``: query ``i`` attends to
+        positions ``keys[i]`` and adds ``rpb[..., bias_index[i]]`` along this axis.
+    """
+    _check_window(length, kernel_size, dilation)
+    return _windows_1d(length, kernel_size, dilation, torch.device(device))
+
+
+def _check_window(length: int, kernel_size: int, dilation: int) -> None:
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
+    if dilation < 1:
+        raise ValueError(f"dilation must be positive, got {dilation}")
+    if length < kernel_size * dilation:
+        raise ValueError(
+            f"neighborhood attention needs maps of at least kernel_size * dilation = {kernel_size * dilation} "
+            f"along each axis, got {length} (pad the input, as NAT does)"
+        )
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _without_grad_on_cpu(*tensors):
+    """flex_attention refuses CPU inputs that require grad even under no_grad; detach them there."""
+    if torch.is_grad_enabled():
+        return tensors
+    return tuple(t if t is None or t.device.type == "cuda" else t.detach() for t in tensors)
+
+
+def _gathered_bias(rpb: torch.Tensor, bias_rows: torch.Tensor, bias_cols: torch.Tensor) -> torch.Tensor:
+    """RPB of every (query, key) pair: ``(heads, H, W, k, k)``."""
+    return rpb[:, bias_rows[:, None, :, None], bias_cols[None, :, None, :]]
+
+
+def _key_windows(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, row: int) -> torch.Tensor:
+    """Keys (or values) of kernel row ``row`` for every query: ``(B, heads, H, W, k, D)``."""
+    return x.index_select(2, rows[:, row])[:, :, :, cols]
+
+
+def _scatter_windows(grad: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, row: int, out: torch.Tensor) -> None:
+    """Adjoint of :func:`_key_windows`: add ``grad`` ``(B, heads, H, W, k, D)`` into ``out``."""
+    batch, heads, height, width, kernel, dim = grad.shape
+    by_row = grad.new_zeros(batch, heads, height, out.shape[3], dim)
+    by_row.index_add_(3, cols.reshape(-1), grad.reshape(batch, heads, height, width * kernel, dim))
+    out.index_add_(2, rows[:, row], by_row)
+
+
+def _attention_weights(q, k, rows, cols, bias, scale):
+    q = q * scale  # before the product, as NATTEN does
+    logits = torch.stack(
+        [torch.einsum("bhijd,bhijkd->bhijk", q, _key_windows(k, rows, cols, a)) for a in range(rows.shape[1])], dim=-2
+    )
+    if bias is not None:
+        logits = logits + bias
+    shape = logits.shape
+    weights = logits.flatten(-2).to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
+    return weights.to(q.dtype).reshape(shape)
+
+
+def _apply_weights(weights, v, rows, cols):
+    out = None
+    for a in range(rows.shape[1]):
+        part = torch.einsum("bhijk,bhijkd->bhijd", weights[..., a, :], _key_windows(v, rows, cols, a))
+        out = part if out is None else out + part
+    return out
+
+
+class _NeighborhoodAttention(torch.autograd.Function):
+    """Saves only the attention weights ``(B, heads, H, W, k, k)``; the backward regathers K and V."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, rows, cols, scale):
+        weights = _attention_weights(q, k, rows, cols, bias, scale)
+        ctx.save_for_backward(q, k, v, weights, rows, cols)
+        ctx.scale = scale
+        ctx.has_bias = bias is not None
+        return _apply_weights(weights, v, rows, cols)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, weights, rows, cols = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_weights = torch.stack(
+            [
+                torch.einsum("bhijd,bhijkd->bhijk", grad_out, _key_windows(v, rows, cols, a))
+                for a in range(rows.shape[1])
+            ],
+            dim=-2,
+        )
+        grad_v = torch.zeros_like(v)
+        for a in range(rows.shape[1]):
+            _scatter_windows(weights[..., a, :, None] * grad_out[..., None, :], rows, cols, a, grad_v)
+        grad_logits = weights * (grad_weights - (weights * grad_weights).sum((-2, -1), keepdim=True))
+        grad_q, grad_k = torch.zeros_like(q), torch.zeros_like(k)
+        for a in range(rows.shape[1]):
+            grad_row = grad_logits[..., a, :] * ctx.scale
+            grad_q += torch.einsum("bhijk,bhijkd->bhijd", grad_row, _key_windows(k, rows, cols, a))
+            _scatter_windows(grad_row[..., None] * q[..., None, :], rows, cols, a, grad_k)
+        grad_bias = grad_logits.sum(0) if ctx.has_bias else None
+        return grad_q, grad_k, grad_v, grad_bias, None, None, None
+
+
+def neighborhood_attention_reference(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
+    """Plain-PyTorch neighborhood attention; see :func:`neighborhood_attention`."""
+    height, width = q.shape[2], q.shape[3]
+    rows, bias_rows = neighborhood_windows(height, kernel_size, dilation, q.device)
+    cols, bias_cols = neighborhood_windows(width, kernel_size, dilation, q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    bias = None if rpb is None else _gathered_bias(rpb, bias_rows, bias_cols).to(q.dtype)
+    if _needs_grad(q, k, v, bias) and not is_exporting():
+        return _NeighborhoodAttention.apply(q, k, v, bias, rows, cols, scale)
+    return _apply_weights(_attention_weights(q, k, rows, cols, bias, scale), v, rows, cols)
+
+
+_op = KernelOp("neighborhood_attention", neighborhood_attention_reference)
+
+
+def can_run_natten(q, k, v, kernel_size, dilation=1, rpb=None, scale=None) -> Capability:
+    try:
+        import natten  # noqa: F401
+    except ImportError:
+        return Capability.no("natten is not installed")
+    if rpb is not None:
+        return Capability.no("natten >= 0.20 has no relative position bias")
+    if q.device.type != "cuda" and _needs_grad(q, k, v):
+        return Capability.no(f"natten on {q.device.type} is forward-only")
+    if not q.dtype == k.dtype == v.dtype:
+        return Capability.no("mixed dtypes")
+    return Capability.yes()
+
+
+@_op.register("natten", can_run_natten, auto_devices=("cuda",))
+def neighborhood_attention_natten(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
+    import natten
+
+    q, k, v = _without_grad_on_cpu(q, k, v)
+
+    def heads_last(t):
+        return t.permute(0, 2, 3, 1, 4)
+
+    out = natten.na2d(heads_last(q), heads_last(k), heads_last(v), kernel_size, dilation=dilation, scale=scale)
+    return out.permute(0, 3, 1, 2, 4)
+
+
+@functools.lru_cache(maxsize=64)
+def _flex_block_mask(height: int, width: int, kernel_size: int, dilation: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rows, bias_rows = _windows_1d(height, kernel_size, dilation, device)
+    cols, bias_cols = _windows_1d(width, kernel_size, dilation, device)
+    row_start, col_start = rows[:, 0], cols[:, 0]
+    span = (kernel_size - 1) * dilation
+
+    def in_window(offset):
+        return (offset >= 0) & (offset <= span) & (offset % dilation == 0)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        row_offset = kv_idx // width - row_start[q_idx // width]
+        col_offset = kv_idx % width - col_start[q_idx % width]
+        return in_window(row_offset) & in_window(col_offset)
+
+    tokens = height * width
+    mask = create_block_mask(mask_mod, None, None, tokens, tokens, device=device)
+    return mask, (row_start, col_start, bias_rows[:, 0], bias_cols[:, 0])
+
+
+def can_run_flex(q, k, v, kernel_size, dilation=1, rpb=None, scale=None) -> Capability:
+    if q.device.type != "cuda" and _needs_grad(q, k, v, rpb):
+        return Capability.no(f"flex_attention on {q.device.type} is forward-only")
+    if not q.dtype == k.dtype == v.dtype:
+        return Capability.no("mixed dtypes")
+    return Capability.yes()
+
+
+@_op.register("flex", can_run_flex, auto_devices=("cuda",))
+def neighborhood_attention_flex(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q, k, v, rpb = _without_grad_on_cpu(q, k, v, rpb)
+    batch, heads, height, width, dim = q.shape
+    _check_window(height, kernel_size, dilation)
+    _check_window(width, kernel_size, dilation)
+    mask, (row_start, col_start, bias_row_start, bias_col_start) = _flex_block_mask(
+        height, width, kernel_size, dilation, q.device
+    )
+    score_mod = None
+    if rpb is not None:
+        last = 2 * kernel_size - 2
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            # evaluated on masked-out pairs too (unfused path): clamp their indices into the table
+            qi, qj = q_idx // width, q_idx % width
+            bias_row = bias_row_start[qi] + (kv_idx // width - row_start[qi]) // dilation
+            bias_col = bias_col_start[qj] + (kv_idx % width - col_start[qj]) // dilation
+            return score + rpb[h, bias_row.clamp(0, last), bias_col.clamp(0, last)]
+
+    def tokens(t):
+        return t.reshape(batch, heads, height * width, dim)
+
+    out = flex_attention(tokens(q), tokens(k), tokens(v), score_mod=score_mod, block_mask=mask, scale=scale)
+    return out.reshape(batch, heads, height, width, dim)
+
+
+def neighborhood_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: int,
+    dilation: int = 1,
+    rpb: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = AUTO,
+) -> torch.Tensor:
+    """Each query attends to its (dilated) ``kernel_size x kernel_size`` neighbourhood.
+
+    Args:
+        q: queries ``(B, heads, H, W, head_dim)``; H and W at least ``kernel_size * dilation``.
+        k: keys, same shape.
+        v: values, same shape.
+        kernel_size: odd window size.
+        dilation: spacing between the window's keys.
+        rpb: relative position bias ``(heads, 2 * kernel_size - 1, 2 * kernel_size - 1)``.
+        scale: logit scale; ``head_dim ** -0.5`` when None.
+        backend: ``auto``, ``reference``, ``natten`` or ``flex``.
+    """
+    return _op(q, k, v, kernel_size, dilation, rpb, scale, backend=backend)

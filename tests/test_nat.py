@@ -1,0 +1,178 @@
+"""NAT / DiNAT fidelity: exact parameter counts, paper FLOPs, and official checkpoints.
+
+``official_forward`` re-implements the official forward pass from the official state-dict
+keys (SHI-Labs/Neighborhood-Attention-Transformer, ``classification/nat.py``), with the
+brute-force NATTEN oracle for the attention, so a checkpoint loaded through
+``checkpoint_filter_fn`` must give the same logits.
+"""
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from test_neighborhood import brute_force
+
+from visionzoo.bench import model_stats
+
+OFFICIAL_PARAMS = {
+    "nat_mini": 19_984_174,
+    "nat_tiny": 27_901_582,
+    "nat_small": 50_743_297,
+    "nat_base": 89_769_652,
+    "dinat_mini": 19_984_174,
+    "dinat_tiny": 27_901_582,
+    "dinat_small": 50_719_681,
+    "dinat_base": 89_769_652,
+}
+PAPER_GFLOPS = {"mini": 2.7, "tiny": 4.3, "small": 7.8, "base": 13.7}
+
+# The official configurations (nat.py, dinat.py): depths, heads, embed_dim, mlp_ratio, layer_scale, dilations.
+OFFICIAL = {
+    "nat_mini": ((3, 4, 6, 5), (2, 4, 8, 16), 64, 3, None, None),
+    "dinat_mini": ((3, 4, 6, 5), (2, 4, 8, 16), 64, 3, None, ([1, 8, 1], [1, 4, 1, 4], [1, 2] * 3, [1] * 5)),
+    "nat_small": ((3, 4, 18, 5), (3, 6, 12, 24), 96, 2, 1e-5, None),
+}
+
+
+def official_state_dict(name, generator):
+    depths, heads, dim, mlp_ratio, layer_scale, _ = OFFICIAL[name]
+
+    def rand(*shape, scale=0.1):
+        return torch.randn(*shape, generator=generator) * scale
+
+    def norm(prefix, width):
+        return {f"{prefix}.weight": 1 + rand(width), f"{prefix}.bias": rand(width)}
+
+    sd = {
+        "patch_embed.proj.0.weight": rand(dim // 2, 3, 3, 3),
+        "patch_embed.proj.0.bias": rand(dim // 2),
+        "patch_embed.proj.1.weight": rand(dim, dim // 2, 3, 3),
+        "patch_embed.proj.1.bias": rand(dim),
+        **norm("patch_embed.norm", dim),
+    }
+    for i, depth in enumerate(depths):
+        width = dim * 2**i
+        hidden = int(width * mlp_ratio)
+        for j in range(depth):
+            p = f"levels.{i}.blocks.{j}"
+            sd |= norm(f"{p}.norm1", width) | norm(f"{p}.norm2", width)
+            sd |= {
+                f"{p}.attn.qkv.weight": rand(3 * width, width),
+                f"{p}.attn.qkv.bias": rand(3 * width),
+                f"{p}.attn.rpb": rand(heads[i], 13, 13, scale=1.0),
+                f"{p}.attn.proj.weight": rand(width, width),
+                f"{p}.attn.proj.bias": rand(width),
+                f"{p}.mlp.fc1.weight": rand(hidden, width),
+                f"{p}.mlp.fc1.bias": rand(hidden),
+                f"{p}.mlp.fc2.weight": rand(width, hidden),
+                f"{p}.mlp.fc2.bias": rand(width),
+            }
+            if layer_scale:
+                sd |= {f"{p}.gamma1": 1 + rand(width), f"{p}.gamma2": 1 + rand(width)}
+        if i < len(depths) - 1:
+            sd[f"levels.{i}.downsample.reduction.weight"] = rand(2 * width, width, 3, 3)
+            sd |= norm(f"levels.{i}.downsample.norm", 2 * width)
+    final = dim * 2 ** (len(depths) - 1)
+    return sd | norm("norm", final) | {"head.weight": rand(1000, final), "head.bias": rand(1000)}
+
+
+def official_forward(name, sd, x):
+    depths, heads, _, _, layer_scale, dilations = OFFICIAL[name]
+    sd = {key: value.double() for key, value in sd.items()}
+
+    def norm(t, prefix):
+        return F.layer_norm(t, t.shape[-1:], sd[f"{prefix}.weight"], sd[f"{prefix}.bias"], eps=1e-5)
+
+    def linear(t, prefix):
+        return F.linear(t, sd[f"{prefix}.weight"], sd[f"{prefix}.bias"])
+
+    x = F.conv2d(x, sd["patch_embed.proj.0.weight"], sd["patch_embed.proj.0.bias"], stride=2, padding=1)
+    x = F.conv2d(x, sd["patch_embed.proj.1.weight"], sd["patch_embed.proj.1.bias"], stride=2, padding=1)
+    x = norm(x.permute(0, 2, 3, 1), "patch_embed.norm")
+    for i, depth in enumerate(depths):
+        for j in range(depth):
+            p = f"levels.{i}.blocks.{j}"
+            dilation = dilations[i][j] if dilations else 1
+            window = 7 * dilation
+            shortcut, h = x, norm(x, f"{p}.norm1")
+            height, width = h.shape[1:3]
+            h = F.pad(h, (0, 0, 0, max(0, window - width), 0, max(0, window - height)))
+            batch, hp, wp, channels = h.shape
+            head_dim = channels // heads[i]
+            qkv = linear(h, f"{p}.attn.qkv").reshape(batch, hp, wp, 3, heads[i], head_dim).permute(3, 0, 4, 1, 2, 5)
+            h = brute_force(qkv[0], qkv[1], qkv[2], 7, dilation, sd[f"{p}.attn.rpb"], scale=head_dim**-0.5)
+            h = h.permute(0, 2, 3, 1, 4).reshape(batch, hp, wp, channels)[:, :height, :width]
+            h = linear(h, f"{p}.attn.proj")
+            x = shortcut + (sd[f"{p}.gamma1"] * h if layer_scale else h)
+            h = linear(F.gelu(linear(norm(x, f"{p}.norm2"), f"{p}.mlp.fc1")), f"{p}.mlp.fc2")
+            x = x + (sd[f"{p}.gamma2"] * h if layer_scale else h)
+        if i < len(depths) - 1:
+            x = F.conv2d(x.permute(0, 3, 1, 2), sd[f"levels.{i}.downsample.reduction.weight"], stride=2, padding=1)
+            x = norm(x.permute(0, 2, 3, 1), f"levels.{i}.downsample.norm")
+    return linear(norm(x, "norm").mean((1, 2)), "head")
+
+
+@pytest.mark.parametrize("name", OFFICIAL_PARAMS)
+def test_parameter_counts_equal_official(name):
+    model = timm.create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == OFFICIAL_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", ["nat_mini", "dinat_tiny", "nat_base"])
+def test_flops_within_two_percent_of_paper(name):
+    gmacs = model_stats(name).gmacs
+    paper = PAPER_GFLOPS[name.split("_")[1]]
+    assert abs(gmacs - paper) / paper < 0.02, gmacs
+
+
+def test_dinat_dilations_follow_official_lists():
+    model = timm.create_model("dinat_tiny")
+    dilations = [[block.mixer.dilation for block in stage.blocks] for stage in model.stages]
+    assert dilations == [[1, 8, 1], [1, 4, 1, 4], [1, 2] * 9, [1] * 5]
+    assert {block.mixer.kernel_size for stage in model.stages for block in stage.blocks} == {7}
+
+
+@pytest.mark.parametrize("name, size", [("nat_mini", (64, 80)), ("dinat_mini", (61, 70)), ("nat_small", (40, 33))])
+def test_official_checkpoint_loads_and_matches_official_forward(name, size, tmp_path):
+    official = official_state_dict(name, torch.Generator().manual_seed(0))
+    path = tmp_path / f"{name}.pth"
+    torch.save(official, path)
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    model = model.double().eval()
+    torch.testing.assert_close(
+        model.stages[1].downsample.conv.weight, official["levels.0.downsample.reduction.weight"].double()
+    )
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), official_forward(name, official, x), atol=1e-9, rtol=1e-9)
+
+
+def test_filter_passes_our_own_layout_through():
+    from visionzoo.backbones.nat import checkpoint_filter_fn
+
+    model = timm.create_model("nat_mini")
+    ours = model.state_dict()
+    assert checkpoint_filter_fn({"model": ours}, model).keys() == ours.keys()
+
+
+def test_foreign_checkpoint_lists_missing_and_unexpected_keys(tmp_path):
+    official = official_state_dict("nat_mini", torch.Generator().manual_seed(0))
+    official["levels.0.blocks.0.attn.extra"] = torch.zeros(1)
+    del official["levels.3.blocks.4.mlp.fc2.bias"]
+    path = tmp_path / "foreign.pth"
+    torch.save(official, path)
+    with pytest.raises(RuntimeError, match=r"(?s)Missing key.*stages\.3\.blocks\.4\.mlp\.fc2\.bias.*Unexpected"):
+        timm.create_model("nat_mini", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+@pytest.mark.parametrize("name", ["nat_tiny", "dinat_tiny"])
+def test_train_step_on_cpu(name):
+    model = timm.create_model(name, num_classes=10, drop_path_rate=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = torch.randn(2, 3, 97, 131), torch.tensor([3, 7])
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    rpb = model.stages[0].blocks[0].mixer.rpb
+    assert torch.isfinite(loss) and rpb.grad is not None and rpb.grad.abs().sum() > 0
+    assert "stages.0.blocks.0.mixer.rpb" in model.no_weight_decay()

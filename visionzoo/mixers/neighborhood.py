@@ -1,0 +1,74 @@
+"""Neighborhood attention (NAT) and dilated neighborhood attention (DiNAT) as a token mixer."""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import trunc_normal_
+from torch import nn
+
+from visionzoo.kernels import crop_map, neighborhood_attention, pad_to_multiple
+
+from .registry import TokenMixer, register_mixer
+
+__all__ = ["NeighborhoodAttention"]
+
+
+@register_mixer("neighborhood")
+class NeighborhoodAttention(TokenMixer):
+    """Each token attends to its ``kernel_size x kernel_size`` neighbourhood (dilated by ``dilation``).
+
+    Maps smaller than ``kernel_size * dilation`` are zero-padded at the bottom and right
+    before the projections and cropped after, as the official NAT/DiNAT do, so any map of
+    at least 1x1 works. Parameter names follow the official code (``qkv``, ``rpb``, ``proj``).
+
+    Args:
+        dim: channels.
+        num_heads: attention heads; ``dim // head_dim`` when None.
+        kernel_size: odd window size.
+        dilation: spacing of the window's keys (DiNAT).
+        rel_pos_bias: learn a relative position bias table per head.
+        head_dim: channels per head when ``num_heads`` is None.
+        qkv_bias: bias on the query/key/value projection.
+        backend: kernel backend (``auto``, ``reference``, ``natten``, ``flex``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int | None = None,
+        kernel_size: int = 7,
+        dilation: int = 1,
+        rel_pos_bias: bool = True,
+        head_dim: int = 32,
+        qkv_bias: bool = True,
+        backend: str = "auto",
+    ):
+        super().__init__(dim, backend)
+        self.num_heads = num_heads or max(dim // head_dim, 1)
+        if dim % self.num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {self.num_heads}")
+        if kernel_size < 1 or kernel_size % 2 == 0 or dilation < 1:
+            raise ValueError(f"kernel_size must be odd and dilation positive, got {kernel_size} and {dilation}")
+        self.kernel_size, self.dilation = kernel_size, dilation
+        self.scale = (dim // self.num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        if rel_pos_bias:
+            self.rpb = nn.Parameter(torch.zeros(self.num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
+            trunc_normal_(self.rpb, std=0.02, mean=0.0, a=-2.0, b=2.0)
+        else:
+            self.rpb = None
+        self.proj = nn.Linear(dim, dim)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"rpb"} if self.rpb is not None else set()
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        x, size = pad_to_multiple(x, min_size=self.kernel_size * self.dilation)
+        batch, height, width, channels = x.shape
+        qkv = self.qkv(x).reshape(batch, height, width, 3, self.num_heads, channels // self.num_heads)
+        q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
+        x = neighborhood_attention(
+            q, k, v, self.kernel_size, self.dilation, self.rpb, scale=self.scale, backend=self.kernel_backend
+        )
+        x = x.permute(0, 2, 3, 1, 4).reshape(batch, height, width, channels)
+        return self.proj(crop_map(x, size))
