@@ -13,7 +13,11 @@ Tensors are ``(B, heads, H, W, head_dim)``. Backends:
   backward that recomputes the gathers, so memory stays O(H*W*k^2) per head.
 - ``natten``: ``natten.na2d`` (no RPB; forward only on CPU, where natten runs flex).
 - ``flex``: ``flex_attention`` with a block mask of the neighbourhoods and the RPB as a
-  score modification (CUDA; forward only on CPU).
+  score modification (CUDA; forward only on CPU). Only when forced, for now.
+
+``auto`` takes ``natten`` on CUDA when natten has its fused kernels (libnatten) and there is
+no RPB, else ``reference``: on CPU the reference was 8x (56x56) to 50x (112x112) faster
+than natten's and torch's flex paths, with 20-70x less memory (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -165,11 +169,13 @@ _op = KernelOp("neighborhood_attention", neighborhood_attention_reference)
 
 def can_run_natten(q, k, v, kernel_size, dilation=1, rpb=None, scale=None) -> Capability:
     try:
-        import natten  # noqa: F401
+        import natten
     except ImportError:
         return Capability.no("natten is not installed")
     if rpb is not None:
         return Capability.no("natten >= 0.20 has no relative position bias")
+    if q.device.type == "cuda" and not natten.HAS_LIBNATTEN:
+        return Capability.no("natten was built without libnatten: on CUDA it would run unfused flex attention")
     if q.device.type != "cuda" and _needs_grad(q, k, v):
         return Capability.no(f"natten on {q.device.type} is forward-only")
     if not q.dtype == k.dtype == v.dtype:
@@ -188,6 +194,13 @@ def neighborhood_attention_natten(q, k, v, kernel_size, dilation=1, rpb=None, sc
 
     out = natten.na2d(heads_last(q), heads_last(k), heads_last(v), kernel_size, dilation=dilation, scale=scale)
     return out.permute(0, 3, 1, 2, 4)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
 
 
 @functools.lru_cache(maxsize=64)
@@ -220,7 +233,10 @@ def can_run_flex(q, k, v, kernel_size, dilation=1, rpb=None, scale=None) -> Capa
     return Capability.yes()
 
 
-@_op.register("flex", can_run_flex, auto_devices=("cuda",))
+# Never chosen automatically: compiled on CUDA it was 5-8x faster than the reference at 56x56
+# without RPB, but each call builds a new score_mod, so torch.compile recompiles until its
+# limit and then runs unfused (docs/benchmarks.md). Force it with backend="flex".
+@_op.register("flex", can_run_flex, auto_devices=())
 def neighborhood_attention_flex(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -245,7 +261,9 @@ def neighborhood_attention_flex(q, k, v, kernel_size, dilation=1, rpb=None, scal
     def tokens(t):
         return t.reshape(batch, heads, height * width, dim)
 
-    out = flex_attention(tokens(q), tokens(k), tokens(v), score_mod=score_mod, block_mask=mask, scale=scale)
+    # compiled on CUDA (fused kernel); eager elsewhere, where only the forward runs
+    attend = _compiled_flex_attention() if q.device.type == "cuda" else flex_attention
+    out = attend(tokens(q), tokens(k), tokens(v), score_mod=score_mod, block_mask=mask, scale=scale)
     return out.reshape(batch, heads, height, width, dim)
 
 

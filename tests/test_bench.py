@@ -3,6 +3,7 @@
 import io
 
 import pytest
+import torch
 
 from visionzoo import bench
 from visionzoo.cli import main
@@ -21,13 +22,13 @@ def test_bench_op_times_every_backend_against_reference(tiny_cases):
         ("forward+backward", "reference"),
         ("forward+backward", "sdpa"),
     ]
-    assert all(r.median_ms > 0 and r.speedup > 0 for r in rows)
+    assert all(r.median_ms > 0 and r.speedup > 0 and r.peak_mib is not None for r in rows)
     assert rows[0].speedup == 1.0 and rows[0].dtype == "float32" and rows[0].device == "cpu"
     table = bench.format_markdown(rows)
-    assert table.count("\n") == len(rows) + 1 and "| dense_attention | B=1 heads=2 N=16 d=8 |" in table
+    assert table.count("\n") == len(rows) + 1 and "| dense_attention | heads=2 N=16 d=8 | 1 | cpu |" in table
     stream = io.StringIO()
     bench.write_csv(rows, stream)
-    assert stream.getvalue().splitlines()[0].startswith("op,case,device,dtype,mode,backend,median_ms")
+    assert stream.getvalue().splitlines()[0].startswith("op,case,batch,device,dtype,mode,backend,median_ms")
 
 
 def test_bench_cli_writes_csv(tiny_cases, tmp_path, capsys):
@@ -42,3 +43,18 @@ def test_bench_cli_writes_csv(tiny_cases, tmp_path, capsys):
 def test_bench_unknown_op_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown kernel op 'nope'"):
         bench.bench_op("nope")
+
+
+def test_forward_only_backends_are_skipped_for_training_on_cpu(monkeypatch):
+    monkeypatch.setitem(bench.OP_CASES, "neighborhood_attention", [bench._neighborhood_case(1, 1, 8, 4, 3, rpb=True)])
+    rows = bench.bench_op("neighborhood_attention", min_run_time=0.01)
+    assert [(r.mode, r.backend) for r in rows] == [
+        ("forward", "reference"),
+        ("forward", "flex"),
+        ("forward+backward", "reference"),
+    ]
+
+
+def test_cpu_peak_memory_sees_a_large_allocation():
+    peak = bench.peak_memory_mib(lambda: torch.ones(64, 2**20).sum(), torch.device("cpu"))
+    assert 200 < peak < 1000  # 256 MiB tensor

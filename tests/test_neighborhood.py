@@ -169,7 +169,7 @@ GPU_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", list(GPU_TOL))
 @pytest.mark.parametrize("backend", _forward_only_backends())
-@pytest.mark.parametrize("kernel_size, dilation, size", [(7, 1, (56, 56)), (7, 2, (29, 43)), (7, 8, (56, 56))])
+@pytest.mark.parametrize("kernel_size, dilation, size", [(7, 1, (56, 56)), (7, 2, (29, 43))])
 def test_fast_backends_on_cuda(backend, dtype, kernel_size, dilation, size):
     heads, dim = 4, 32
     q, k, v = (torch.randn(2, heads, *size, dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
@@ -178,6 +178,9 @@ def test_fast_backends_on_cuda(backend, dtype, kernel_size, dilation, size):
         rpb = torch.randn(heads, 2 * kernel_size - 1, 2 * kernel_size - 1, device="cuda", dtype=dtype)
         rpb.requires_grad_()
     inputs = [t for t in (q, k, v, rpb) if t is not None]
+    verdict = NA.supports(backend, q, k, v, kernel_size, dilation, rpb)
+    if not verdict:
+        pytest.skip(verdict.reason)
     expected = neighborhood_attention(q, k, v, kernel_size, dilation, rpb, backend="reference")
     actual = neighborhood_attention(q, k, v, kernel_size, dilation, rpb, backend=backend)
     tol = GPU_TOL[dtype]

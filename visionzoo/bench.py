@@ -11,7 +11,10 @@ reference kernels (whose matmuls it sees), attention included.
 from __future__ import annotations
 
 import csv
+import ctypes
 import dataclasses
+import gc
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
@@ -38,22 +41,43 @@ __all__ = [
 
 @dataclass(frozen=True)
 class OpCase:
-    """One input configuration of an op: a label and a factory of its positional arguments."""
+    """One input configuration of an op: a label and a factory of its positional arguments.
+
+    ``make_args(device, dtype, batch)`` builds the arguments; ``batch`` defaults to ``batch``.
+    """
 
     label: str
-    make_args: Callable[[torch.device, torch.dtype], tuple[torch.Tensor, ...]]
+    batch: int
+    make_args: Callable[[torch.device, torch.dtype, int], tuple]
 
 
 def _dense_case(batch: int, heads: int, tokens: int, head_dim: int) -> OpCase:
-    def make(device, dtype):
+    def make(device, dtype, batch):
         return tuple(torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype) for _ in range(3))
 
-    return OpCase(f"B={batch} heads={heads} N={tokens} d={head_dim}", make)
+    return OpCase(f"heads={heads} N={tokens} d={head_dim}", batch, make)
 
 
-# mixvit_tiny at 224x224 with the global mixer, batch 8: stage 1 and stage 3.
+def _neighborhood_case(batch: int, heads: int, size: int, head_dim: int, kernel_size: int, rpb: bool) -> OpCase:
+    def make(device, dtype, batch):
+        q, k, v = (torch.randn(batch, heads, size, size, head_dim, device=device, dtype=dtype) for _ in range(3))
+        table = torch.randn(heads, 2 * kernel_size - 1, 2 * kernel_size - 1, device=device, dtype=dtype)
+        return q, k, v, kernel_size, 1, table if rpb else None
+
+    label = f"{size}x{size} heads={heads} d={head_dim} k={kernel_size}{' rpb' if rpb else ''}"
+    return OpCase(label, batch, make)
+
+
 OP_CASES: dict[str, list[OpCase]] = {
+    # mixvit_tiny at 224x224 with the global mixer: stage 1 and stage 3
     "dense_attention": [_dense_case(8, 2, 3136, 32), _dense_case(8, 8, 196, 32)],
+    # NAT at 224x224 (stage 1) and at 448x448; with RPB only reference and flex run
+    "neighborhood_attention": [
+        _neighborhood_case(8, 2, 56, 32, 7, rpb=False),
+        _neighborhood_case(8, 2, 56, 32, 7, rpb=True),
+        _neighborhood_case(8, 4, 112, 32, 7, rpb=False),
+        _neighborhood_case(8, 4, 112, 32, 7, rpb=True),
+    ],
 }
 
 
@@ -61,6 +85,7 @@ OP_CASES: dict[str, list[OpCase]] = {
 class OpTiming:
     op: str
     case: str
+    batch: int
     device: str
     dtype: str
     mode: str
@@ -71,9 +96,15 @@ class OpTiming:
     peak_mib: float | None
 
 
-def _runner(op: KernelOp, args: tuple[torch.Tensor, ...], backend: str, backward: bool) -> Callable[[], None]:
+def _grad_args(args: tuple) -> tuple:
+    return tuple(
+        a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+    )
+
+
+def _runner(op: KernelOp, args: tuple, backend: str, backward: bool) -> Callable[[], None]:
     if backward:
-        grad_args = tuple(a.detach().requires_grad_() for a in args)
+        grad_args = _grad_args(args)
         return lambda: op(*grad_args, backend=backend).sum().backward()
 
     def forward():
@@ -83,46 +114,97 @@ def _runner(op: KernelOp, args: tuple[torch.Tensor, ...], backend: str, backward
     return forward
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def peak_memory_mib(fn: Callable[[], None], device: torch.device) -> float | None:
+    """Memory one call of ``fn`` needs above what is already allocated.
+
+    CUDA: ``max_memory_allocated``. CPU (Linux): the rise of the resident-set high-water mark,
+    reset through ``/proc/self/clear_refs`` after returning freed memory to the system.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    if device.type != "cpu" or not os.path.exists("/proc/self/clear_refs"):
+        return None
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # reset VmHWM to the current RSS
+    fn()
+    return (_status_kib("VmHWM") - base) / 1024
+
+
 def bench_op(
-    name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, backward: bool = True, min_run_time: float = 1.0
+    name: str,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    backward: bool = True,
+    min_run_time: float = 1.0,
+    batch: int | None = None,
+    cases: list[str] | None = None,
+    on_row: Callable[[OpTiming], None] | None = None,
 ) -> list[OpTiming]:
-    """Time every backend of op ``name`` that accepts its cases on ``device`` and ``dtype``."""
+    """Time every backend of op ``name`` that accepts its cases on ``device`` and ``dtype``.
+
+    Args:
+        batch: overrides each case's batch size.
+        cases: only the cases whose label contains one of these strings.
+        on_row: called with each row as soon as it is measured.
+    """
     op, dev = get_op(name), torch.device(device)
     if name not in OP_CASES:
         raise ValueError(f"no benchmark cases for op {name!r}; ops with cases: {', '.join(OP_CASES)}")
     rows = []
     for case in OP_CASES[name]:
-        args = case.make_args(dev, dtype)
+        if cases and not any(c in case.label for c in cases):
+            continue
+        case_batch = batch or case.batch
+        args = case.make_args(dev, dtype, case_batch)
         backends = [REFERENCE, *(b for b in op.backends if b != REFERENCE and op.supports(b, *args))]
         for mode in ("forward", "forward+backward") if backward else ("forward",):
             reference = float("nan")
             for backend in backends:
                 fn = _runner(op, args, backend, backward=mode != "forward")
+                if mode != "forward" and not op.supports(backend, *_grad_args(args)):
+                    continue  # forward-only backend on this device
                 fn()  # warm-up, and compilation for backends that compile
-                if dev.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(dev)
+                peak = peak_memory_mib(fn, dev)
                 timing = benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-                peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
                 median = timing.median * 1e3
                 reference = median if backend == REFERENCE else reference
-                row = OpTiming(name, case.label, str(dev), str(dtype).removeprefix("torch."), mode, backend,
-                               median, timing.iqr * 1e3, reference / median, peak)  # fmt: skip
+                row = OpTiming(name, case.label, case_batch, str(dev), str(dtype).removeprefix("torch."), mode,
+                               backend, median, timing.iqr * 1e3, reference / median, peak)  # fmt: skip
                 rows.append(row)
+                if on_row:
+                    on_row(row)
     return rows
 
 
+MARKDOWN_HEADER = (
+    "| op | case | batch | device | dtype | mode | backend | median ms | IQR ms | speed-up vs reference | peak MiB |\n"
+    "| --- | --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"
+)
+
+
+def markdown_row(r: OpTiming) -> str:
+    peak = "-" if r.peak_mib is None else f"{r.peak_mib:.0f}"
+    return (
+        f"| {r.op} | {r.case} | {r.batch} | {r.device} | {r.dtype} | {r.mode} | {r.backend} "
+        f"| {r.median_ms:.3f} | {r.iqr_ms:.3f} | {r.speedup:.2f}x | {peak} |"
+    )
+
+
 def format_markdown(rows: list[OpTiming]) -> str:
-    lines = [
-        "| op | case | device | dtype | mode | backend | median ms | IQR ms | speed-up vs reference | peak MiB |",
-        "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
-    ]
-    for r in rows:
-        peak = "-" if r.peak_mib is None else f"{r.peak_mib:.0f}"
-        lines.append(
-            f"| {r.op} | {r.case} | {r.device} | {r.dtype} | {r.mode} | {r.backend} | {r.median_ms:.3f} "
-            f"| {r.iqr_ms:.3f} | {r.speedup:.2f}x | {peak} |"
-        )
-    return "\n".join(lines)
+    return "\n".join([MARKDOWN_HEADER, *map(markdown_row, rows)])
 
 
 def write_csv(rows: list[OpTiming], stream: TextIO) -> None:

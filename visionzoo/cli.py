@@ -27,8 +27,9 @@ def _list(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
-    from visionzoo.bench import OP_CASES, bench_op, format_markdown, write_csv
+    from visionzoo.bench import MARKDOWN_HEADER, OP_CASES, bench_op, markdown_row, write_csv
 
+    print(MARKDOWN_HEADER, flush=True)
     rows = []
     for name in args.op or list(OP_CASES):
         rows += bench_op(
@@ -37,8 +38,10 @@ def _bench(args: argparse.Namespace) -> int:
             dtype=getattr(torch, args.dtype),
             backward=not args.forward_only,
             min_run_time=args.min_run_time,
+            batch=args.batch,
+            cases=args.case,
+            on_row=lambda row: print(markdown_row(row), flush=True),
         )
-    print(format_markdown(rows))
     if args.csv:
         with open(args.csv, "w", newline="") as stream:
             write_csv(rows, stream)
@@ -70,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     bench.add_argument("--forward-only", action="store_true", help="skip the forward+backward timings")
+    bench.add_argument("--batch", type=int, help="override every case's batch size")
+    bench.add_argument("--case", action="append", help="only cases whose label contains this (repeatable)")
     bench.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timed runs per figure")
     bench.add_argument("--csv", help="also write the rows to this CSV file")
     bench.set_defaults(run=_bench)
