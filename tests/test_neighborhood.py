@@ -190,3 +190,18 @@ def test_fast_backends_on_cuda(backend, dtype, kernel_size, dilation, size):
         torch.autograd.grad(actual, inputs, grad_out), torch.autograd.grad(expected, inputs, grad_out), strict=True
     ):
         torch.testing.assert_close(got, want, atol=tol * 10, rtol=tol)
+
+
+def test_mixer_exports_to_onnx_through_the_reference(tmp_path):
+    import onnxruntime
+
+    from visionzoo import create_mixer
+
+    mixer = create_mixer("neighborhood", 32, num_heads=2, kernel_size=3, dilation=2).eval()
+    x = torch.randn(1, 9, 11, 32)
+    path = tmp_path / "na.onnx"
+    torch.onnx.export(mixer, (x,), str(path), dynamo=False, opset_version=17)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), mixer(x), atol=1e-5, rtol=1e-5)

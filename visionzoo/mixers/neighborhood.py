@@ -8,13 +8,13 @@ from torch import nn
 
 from visionzoo.kernels import crop_map, neighborhood_attention, pad_to_multiple
 
-from .registry import TokenMixer, register_mixer
+from .registry import MultiHeadMixer, register_mixer
 
 __all__ = ["NeighborhoodAttention"]
 
 
 @register_mixer("neighborhood")
-class NeighborhoodAttention(TokenMixer):
+class NeighborhoodAttention(MultiHeadMixer):
     """Each token attends to its ``kernel_size x kernel_size`` neighbourhood (dilated by ``dilation``).
 
     Maps smaller than ``kernel_size * dilation`` are zero-padded at the bottom and right
@@ -43,32 +43,24 @@ class NeighborhoodAttention(TokenMixer):
         qkv_bias: bool = True,
         backend: str = "auto",
     ):
-        super().__init__(dim, backend)
-        self.num_heads = num_heads or max(dim // head_dim, 1)
-        if dim % self.num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {self.num_heads}")
+        super().__init__(dim, num_heads, head_dim, qkv_bias, backend)
         if kernel_size < 1 or kernel_size % 2 == 0 or dilation < 1:
             raise ValueError(f"kernel_size must be odd and dilation positive, got {kernel_size} and {dilation}")
         self.kernel_size, self.dilation = kernel_size, dilation
-        self.scale = (dim // self.num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.scale = self.head_dim**-0.5
         if rel_pos_bias:
             self.rpb = nn.Parameter(torch.zeros(self.num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
             trunc_normal_(self.rpb, std=0.02, mean=0.0, a=-2.0, b=2.0)
         else:
             self.rpb = None
-        self.proj = nn.Linear(dim, dim)
 
     def no_weight_decay(self) -> set[str]:
         return {"rpb"} if self.rpb is not None else set()
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         x, size = pad_to_multiple(x, min_size=self.kernel_size * self.dilation)
-        batch, height, width, channels = x.shape
-        qkv = self.qkv(x).reshape(batch, height, width, 3, self.num_heads, channels // self.num_heads)
-        q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
-        x = neighborhood_attention(
+        q, k, v = self.qkv_heads(x)
+        out = neighborhood_attention(
             q, k, v, self.kernel_size, self.dilation, self.rpb, scale=self.scale, backend=self.kernel_backend
         )
-        x = x.permute(0, 2, 3, 1, 4).reshape(batch, height, width, channels)
-        return self.proj(crop_map(x, size))
+        return self.proj(crop_map(self.merge_heads(out), size))

@@ -8,7 +8,7 @@ import torch
 from timm.layers import is_exportable
 from torch import nn
 
-__all__ = ["TokenMixer", "create_mixer", "get_mixer_class", "list_mixers", "register_mixer"]
+__all__ = ["MultiHeadMixer", "TokenMixer", "create_mixer", "get_mixer_class", "list_mixers", "register_mixer"]
 
 _MIXERS: dict[str, type[TokenMixer]] = {}
 
@@ -56,6 +56,40 @@ class TokenMixer(nn.Module):
                 f"{type(self).__name__} needs a map of at least {min_h}x{min_w} tokens, got {height}x{width}"
             )
         return self.mix(x)
+
+
+class MultiHeadMixer(TokenMixer):
+    """A token mixer with a joint query/key/value projection, heads, and an output projection.
+
+    Args:
+        dim: channels.
+        num_heads: attention heads; ``dim // head_dim`` when None.
+        head_dim: channels per head when ``num_heads`` is None.
+        qkv_bias: bias on the query/key/value projection.
+        backend: kernel backend for the mixer's ops.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int | None = None, head_dim: int = 32, qkv_bias: bool = True, backend: str = "auto"
+    ):
+        super().__init__(dim, backend)
+        self.num_heads = num_heads or max(dim // head_dim, 1)
+        if dim % self.num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {self.num_heads}")
+        self.head_dim = dim // self.num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Channels-last ``(B, H, W, C)`` to queries, keys and values ``(B, heads, H, W, head_dim)``."""
+        batch, height, width, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, height, width, 3, self.num_heads, self.head_dim)
+        return qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
+
+    def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, heads, H, W, head_dim)`` back to channels-last ``(B, H, W, C)`` (before ``proj``)."""
+        batch, _, height, width, _ = x.shape
+        return x.permute(0, 2, 3, 1, 4).reshape(batch, height, width, self.dim)
 
 
 def register_mixer(name: str) -> Callable[[type[TokenMixer]], type[TokenMixer]]:
