@@ -89,32 +89,41 @@ def _key_windows(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, row: i
     return x.index_select(2, rows[:, row])[:, :, :, cols]
 
 
-def _scatter_windows(grad: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, row: int, out: torch.Tensor) -> None:
-    """Adjoint of :func:`_key_windows`: add ``grad`` ``(B, heads, H, W, k, D)`` into ``out``."""
-    batch, heads, height, width, kernel, dim = grad.shape
-    by_row = grad.new_zeros(batch, heads, height, out.shape[3], dim)
-    by_row.index_add_(3, cols.reshape(-1), grad.reshape(batch, heads, height, width * kernel, dim))
-    out.index_add_(2, rows[:, row], by_row)
+def _window_dots(x: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``x`` against every key of its window: ``(B, heads, H, W, k, k)``."""
+    return torch.stack(
+        [torch.einsum("bhijd,bhijkd->bhijk", x, _key_windows(keys, rows, cols, a)) for a in range(rows.shape[1])],
+        dim=-2,
+    )
+
+
+def _window_sums(weights: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of every window's values: ``(B, heads, H, W, D)``."""
+    out = None
+    for a in range(rows.shape[1]):
+        part = torch.einsum("bhijk,bhijkd->bhijd", weights[..., a, :], _key_windows(values, rows, cols, a))
+        out = part if out is None else out + part
+    return out
+
+
+def _window_scatter(weights: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Adjoint of :func:`_window_sums` in ``values``: each window position gathers ``weights * x``."""
+    batch, heads, height, width, kernel, _ = weights.shape
+    out = torch.zeros_like(x)
+    for a in range(kernel):
+        grad = (weights[..., a, :, None] * x[..., None, :]).reshape(batch, heads, height, width * kernel, -1)
+        by_row = x.new_zeros(batch, heads, height, width, x.shape[-1]).index_add_(3, cols.reshape(-1), grad)
+        out.index_add_(2, rows[:, a], by_row)
+    return out
 
 
 def _attention_weights(q, k, rows, cols, bias, scale):
-    q = q * scale  # before the product, as NATTEN does
-    logits = torch.stack(
-        [torch.einsum("bhijd,bhijkd->bhijk", q, _key_windows(k, rows, cols, a)) for a in range(rows.shape[1])], dim=-2
-    )
+    logits = _window_dots(q * scale, k, rows, cols)  # q scaled before the product, as NATTEN does
     if bias is not None:
         logits = logits + bias
     shape = logits.shape
     weights = logits.flatten(-2).to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
     return weights.to(q.dtype).reshape(shape)
-
-
-def _apply_weights(weights, v, rows, cols):
-    out = None
-    for a in range(rows.shape[1]):
-        part = torch.einsum("bhijk,bhijkd->bhijd", weights[..., a, :], _key_windows(v, rows, cols, a))
-        out = part if out is None else out + part
-    return out
 
 
 class _NeighborhoodAttention(torch.autograd.Function):
@@ -126,28 +135,17 @@ class _NeighborhoodAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, weights, rows, cols)
         ctx.scale = scale
         ctx.has_bias = bias is not None
-        return _apply_weights(weights, v, rows, cols)
+        return _window_sums(weights, v, rows, cols)
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, weights, rows, cols = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        grad_weights = torch.stack(
-            [
-                torch.einsum("bhijd,bhijkd->bhijk", grad_out, _key_windows(v, rows, cols, a))
-                for a in range(rows.shape[1])
-            ],
-            dim=-2,
-        )
-        grad_v = torch.zeros_like(v)
-        for a in range(rows.shape[1]):
-            _scatter_windows(weights[..., a, :, None] * grad_out[..., None, :], rows, cols, a, grad_v)
+        grad_weights = _window_dots(grad_out, v, rows, cols)
+        grad_v = _window_scatter(weights, grad_out, rows, cols)
         grad_logits = weights * (grad_weights - (weights * grad_weights).sum((-2, -1), keepdim=True))
-        grad_q, grad_k = torch.zeros_like(q), torch.zeros_like(k)
-        for a in range(rows.shape[1]):
-            grad_row = grad_logits[..., a, :] * ctx.scale
-            grad_q += torch.einsum("bhijk,bhijkd->bhijd", grad_row, _key_windows(k, rows, cols, a))
-            _scatter_windows(grad_row[..., None] * q[..., None, :], rows, cols, a, grad_k)
+        grad_q = _window_sums(grad_logits, k, rows, cols) * ctx.scale
+        grad_k = _window_scatter(grad_logits, q * ctx.scale, rows, cols)
         grad_bias = grad_logits.sum(0) if ctx.has_bias else None
         return grad_q, grad_k, grad_v, grad_bias, None, None, None
 
@@ -161,7 +159,7 @@ def neighborhood_attention_reference(q, k, v, kernel_size, dilation=1, rpb=None,
     bias = None if rpb is None else _gathered_bias(rpb, bias_rows, bias_cols).to(q.dtype)
     if _needs_grad(q, k, v, bias) and not is_exporting():
         return _NeighborhoodAttention.apply(q, k, v, bias, rows, cols, scale)
-    return _apply_weights(_attention_weights(q, k, rows, cols, bias, scale), v, rows, cols)
+    return _window_sums(_attention_weights(q, k, rows, cols, bias, scale), v, rows, cols)
 
 
 _op = KernelOp("neighborhood_attention", neighborhood_attention_reference)
