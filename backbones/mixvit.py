@@ -288,6 +288,13 @@ model_cfgs = {
     "mixvit_tiny_neighborhood": MixVitCfg(
         depths=(3, 4, 18, 5), mixers="neighborhood", block_mixer_kwargs={"kernel_size": 7}
     ),
+    # MaxViT's alternation: block attention (7x7 windows), then grid attention (7x7 grid)
+    "mixvit_tiny_multi_axis": MixVitCfg(
+        depths=(3, 4, 18, 5),
+        mixers="multi_axis",
+        mixer_kwargs=(({"partition": "block"}, {"partition": "grid"}),) * 4,
+        block_mixer_kwargs={"window_size": 7},
+    ),
     "mixvit_base": MixVitCfg(
         embed_dim=(128, 256, 512, 1024),
         depths=(3, 4, 18, 5),
@@ -380,3 +387,8 @@ def mixvit_base(pretrained: bool = False, **kwargs) -> MixVit:
 @register_model
 def mixvit_tiny_neighborhood(pretrained: bool = False, **kwargs) -> MixVit:
     return _create_mixvit("mixvit_tiny_neighborhood", pretrained, **kwargs)
+
+
+@register_model
+def mixvit_tiny_multi_axis(pretrained: bool = False, **kwargs) -> MixVit:
+    return _create_mixvit("mixvit_tiny_multi_axis", pretrained, **kwargs)

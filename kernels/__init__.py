@@ -9,7 +9,7 @@ if __name__ != "visionzoo.kernels":
 from .attention import dense_attention, dense_attention_reference
 from .dispatch import ENV_VAR, Capability, KernelOp, get_op, is_exporting, list_ops, use_backend
 from .neighborhood import neighborhood_attention, neighborhood_attention_reference, neighborhood_windows
-from .windows import crop_map, pad_to_multiple
+from .windows import crop_map, pad_to_multiple, partition_windows, relative_position_index, unpartition_windows
 
 __all__ = [
     "ENV_VAR",
@@ -25,5 +25,8 @@ __all__ = [
     "neighborhood_attention_reference",
     "neighborhood_windows",
     "pad_to_multiple",
+    "partition_windows",
+    "relative_position_index",
+    "unpartition_windows",
     "use_backend",
 ]

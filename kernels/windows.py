@@ -1,4 +1,4 @@
-"""Padding shared by every windowed op and mixer.
+"""Padding, window partitions and relative positions shared by every windowed op and mixer.
 
 Works on the spatial dims ``(-3, -2)`` of a tensor whose last dim is channels, so the
 same helper serves channels-last maps ``(B, H, W, C)`` and per-head maps
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["crop_map", "pad_to_multiple"]
+__all__ = ["crop_map", "pad_to_multiple", "partition_windows", "relative_position_index", "unpartition_windows"]
 
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
@@ -42,3 +42,46 @@ def crop_map(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if x.shape[-3] == height and x.shape[-2] == width:
         return x
     return x[..., :height, :width, :].contiguous()
+
+
+def partition_windows(x: torch.Tensor, size: int | tuple[int, int], grid: bool = False) -> torch.Tensor:
+    """Split a channels-last map ``(B, H, W, C)`` into groups of ``size`` tokens: ``(B * n, sh, sw, C)``.
+
+    ``grid=False``: contiguous ``sh x sw`` windows (block attention). ``grid=True``: an
+    ``sh x sw`` grid of tokens spaced ``H / sh`` and ``W / sw`` apart (MaxViT's grid
+    attention). H and W must be multiples of ``size`` (see :func:`pad_to_multiple`).
+    """
+    sh, sw = _pair(size)
+    batch, height, width, channels = x.shape
+    if height % sh or width % sw:
+        raise ValueError(f"map {height}x{width} is not a multiple of the partition {sh}x{sw}; pad it first")
+    if grid:
+        x = x.reshape(batch, sh, height // sh, sw, width // sw, channels).permute(0, 2, 4, 1, 3, 5)
+    else:
+        x = x.reshape(batch, height // sh, sh, width // sw, sw, channels).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, sh, sw, channels)
+
+
+def unpartition_windows(
+    windows: torch.Tensor, size: int | tuple[int, int], map_size: tuple[int, int], grid: bool = False
+) -> torch.Tensor:
+    """Inverse of :func:`partition_windows` back to ``(B, H, W, C)`` with ``(H, W) = map_size``."""
+    sh, sw = _pair(size)
+    height, width = map_size
+    channels = windows.shape[-1]
+    x = windows.reshape(-1, height // sh, width // sw, sh, sw, channels)
+    x = x.permute(0, 3, 1, 4, 2, 5) if grid else x.permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, height, width, channels)
+
+
+def relative_position_index(size: int | tuple[int, int], device: torch.device | str | None = None) -> torch.Tensor:
+    """Index into a ``(2sh-1) * (2sw-1)`` bias table for every (query, key) pair of a window.
+
+    The Swin / timm ``RelPosBias`` layout: ``(sh*sw, sh*sw)``, row-major offsets.
+    """
+    sh, sw = _pair(size)
+    coords = torch.stack(
+        torch.meshgrid(torch.arange(sh, device=device), torch.arange(sw, device=device), indexing="ij")
+    ).flatten(1)
+    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    return (relative[..., 0] + sh - 1) * (2 * sw - 1) + relative[..., 1] + sw - 1
