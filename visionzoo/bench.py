@@ -28,23 +28,24 @@ from visionzoo.kernels import get_op, use_backend
 from visionzoo.kernels.dispatch import REFERENCE, KernelOp
 
 __all__ = [
+    "MARKDOWN_HEADER",
     "OP_CASES",
     "ModelStats",
     "OpTiming",
     "bench_op",
     "format_markdown",
     "format_model_markdown",
+    "markdown_row",
     "model_stats",
+    "peak_memory_mib",
     "write_csv",
 ]
 
 
 @dataclass(frozen=True)
 class OpCase:
-    """One input configuration of an op: a label and a factory of its positional arguments.
-
-    ``make_args(device, dtype, batch)`` builds the arguments; ``batch`` defaults to ``batch``.
-    """
+    """One input configuration of an op: a label, its default batch size, and
+    ``make_args(device, dtype, batch)`` building the op's positional arguments."""
 
     label: str
     batch: int
@@ -135,7 +136,10 @@ def peak_memory_mib(fn: Callable[[], None], device: torch.device) -> float | Non
     if device.type != "cpu" or not os.path.exists("/proc/self/clear_refs"):
         return None
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:  # hand freed heap pages back, so that they count again when reused
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
     base = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # reset VmHWM to the current RSS
