@@ -1,11 +1,14 @@
 """Token mixers, registered by name: ``create_mixer(name, dim, num_heads=..., **hparams)``."""
 
+from .gates import EcaGate, EcaMixer
 from .global_attention import GlobalAttention
 from .multi_axis import MultiAxisAttention, PartitionAttention
 from .neighborhood import NeighborhoodAttention
 from .registry import MultiHeadMixer, TokenMixer, create_mixer, get_mixer_class, list_mixers, register_mixer
 
 __all__ = [
+    "EcaGate",
+    "EcaMixer",
     "GlobalAttention",
     "MultiAxisAttention",
     "MultiHeadMixer",
