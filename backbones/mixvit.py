@@ -295,6 +295,12 @@ model_cfgs = {
         mixer_kwargs=(({"partition": "block"}, {"partition": "grid"}),) * 4,
         block_mixer_kwargs={"window_size": 7},
     ),
+    # HaloNet's block 8 and halo 3 (windows of 14x14 keys)
+    "mixvit_tiny_halo": MixVitCfg(
+        depths=(3, 4, 18, 5), mixers="halo", block_mixer_kwargs={"block_size": 8, "halo_size": 3}
+    ),
+    # the attention's 4*C^2 parameters per block move into the MLP: ratio 3 + 2 = 5
+    "mixvit_tiny_eca": MixVitCfg(depths=(3, 4, 18, 5), mixers="eca", mlp_ratio=5.0),
     "mixvit_base": MixVitCfg(
         embed_dim=(128, 256, 512, 1024),
         depths=(3, 4, 18, 5),
@@ -392,3 +398,13 @@ def mixvit_tiny_neighborhood(pretrained: bool = False, **kwargs) -> MixVit:
 @register_model
 def mixvit_tiny_multi_axis(pretrained: bool = False, **kwargs) -> MixVit:
     return _create_mixvit("mixvit_tiny_multi_axis", pretrained, **kwargs)
+
+
+@register_model
+def mixvit_tiny_halo(pretrained: bool = False, **kwargs) -> MixVit:
+    return _create_mixvit("mixvit_tiny_halo", pretrained, **kwargs)
+
+
+@register_model
+def mixvit_tiny_eca(pretrained: bool = False, **kwargs) -> MixVit:
+    return _create_mixvit("mixvit_tiny_eca", pretrained, **kwargs)

@@ -8,6 +8,7 @@ if __name__ != "visionzoo.kernels":
 
 from .attention import dense_attention, dense_attention_reference
 from .dispatch import ENV_VAR, Capability, KernelOp, get_op, is_exporting, list_ops, use_backend
+from .halo import halo_attention, halo_attention_reference
 from .neighborhood import neighborhood_attention, neighborhood_attention_reference, neighborhood_windows
 from .windows import crop_map, pad_to_multiple, partition_windows, relative_position_index, unpartition_windows
 
@@ -19,6 +20,8 @@ __all__ = [
     "dense_attention",
     "dense_attention_reference",
     "get_op",
+    "halo_attention",
+    "halo_attention_reference",
     "is_exporting",
     "list_ops",
     "neighborhood_attention",

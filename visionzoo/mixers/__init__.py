@@ -2,6 +2,7 @@
 
 from .gates import EcaGate, EcaMixer
 from .global_attention import GlobalAttention
+from .halo import HaloAttention
 from .multi_axis import MultiAxisAttention, PartitionAttention
 from .neighborhood import NeighborhoodAttention
 from .registry import MultiHeadMixer, TokenMixer, create_mixer, get_mixer_class, list_mixers, register_mixer
@@ -10,6 +11,7 @@ __all__ = [
     "EcaGate",
     "EcaMixer",
     "GlobalAttention",
+    "HaloAttention",
     "MultiAxisAttention",
     "MultiHeadMixer",
     "NeighborhoodAttention",

@@ -8,7 +8,15 @@ import torch
 from timm.layers import is_exportable
 from torch import nn
 
-__all__ = ["MultiHeadMixer", "TokenMixer", "create_mixer", "get_mixer_class", "list_mixers", "register_mixer"]
+__all__ = [
+    "MultiHeadMixer",
+    "TokenMixer",
+    "create_mixer",
+    "get_mixer_class",
+    "list_mixers",
+    "register_mixer",
+    "resolve_num_heads",
+]
 
 _MIXERS: dict[str, type[TokenMixer]] = {}
 
@@ -58,6 +66,14 @@ class TokenMixer(nn.Module):
         return self.mix(x)
 
 
+def resolve_num_heads(dim: int, num_heads: int | None, head_dim: int) -> int:
+    """``num_heads``, or ``dim // head_dim`` when None; ``dim`` must split evenly into the heads."""
+    heads = num_heads or max(dim // head_dim, 1)
+    if dim % heads:
+        raise ValueError(f"dim {dim} is not divisible by num_heads {heads}")
+    return heads
+
+
 class MultiHeadMixer(TokenMixer):
     """A token mixer with a joint query/key/value projection, heads, and an output projection.
 
@@ -73,9 +89,7 @@ class MultiHeadMixer(TokenMixer):
         self, dim: int, num_heads: int | None = None, head_dim: int = 32, qkv_bias: bool = True, backend: str = "auto"
     ):
         super().__init__(dim, backend)
-        self.num_heads = num_heads or max(dim // head_dim, 1)
-        if dim % self.num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {self.num_heads}")
+        self.num_heads = resolve_num_heads(dim, num_heads, head_dim)
         self.head_dim = dim // self.num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)

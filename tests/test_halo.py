@@ -1,0 +1,58 @@
+"""Halo attention: equal to timm's HaloAttn with copied weights, and any map size."""
+
+import pytest
+import torch
+from timm.layers.halo_attn import HaloAttn
+
+from visionzoo import create_mixer
+from visionzoo.kernels import halo_attention
+
+
+def _copy_from_timm(mixer, layer):
+    with torch.no_grad():
+        mixer.q.weight.copy_(layer.q.weight[:, :, 0, 0])
+        mixer.kv.weight.copy_(layer.kv.weight[:, :, 0, 0])
+        mixer.rel_height.copy_(layer.pos_embed.height_rel)
+        mixer.rel_width.copy_(layer.pos_embed.width_rel)
+
+
+@pytest.mark.parametrize(
+    "dim, heads, block, halo, size", [(32, 4, 4, 1, (8, 12)), (64, 2, 8, 3, (16, 24)), (16, 1, 2, 2, (6, 4))]
+)
+def test_matches_timm_halo_attn(dim, heads, block, halo, size):
+    layer = HaloAttn(dim, num_heads=heads, block_size=block, halo_size=halo).eval()
+    mixer = create_mixer("halo", dim, num_heads=heads, block_size=block, halo_size=halo, proj=False).eval()
+    _copy_from_timm(mixer, layer)
+    x = torch.randn(2, *size, dim)
+    with torch.no_grad():
+        expected = layer(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        torch.testing.assert_close(mixer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_matches_timm_gradients():
+    layer = HaloAttn(32, num_heads=2, block_size=4, halo_size=2)
+    mixer = create_mixer("halo", 32, num_heads=2, block_size=4, halo_size=2, proj=False)
+    _copy_from_timm(mixer, layer)
+    x = torch.randn(1, 8, 8, 32)
+    mixer(x).square().sum().backward()
+    layer(x.permute(0, 3, 1, 2)).square().sum().backward()
+    torch.testing.assert_close(mixer.rel_height.grad, layer.pos_embed.height_rel.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mixer.kv.weight.grad, layer.kv.weight.grad[:, :, 0, 0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("size", [(61, 75), (1, 1), (9, 3)])
+def test_any_map_size(size):
+    mixer = create_mixer("halo", 32, num_heads=2, block_size=8, halo_size=3)
+    x = torch.randn(2, *size, 32, requires_grad=True)
+    out = mixer(x)
+    assert out.shape == x.shape
+    out.square().mean().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_op_rejects_maps_off_the_block_grid():
+    q = torch.randn(1, 1, 6, 8, 4)
+    with pytest.raises(ValueError, match="multiples of block_size 4, got 6x8"):
+        halo_attention(q, q, q, 4, 1)
+    with pytest.raises(ValueError, match="give both rel_height and rel_width"):
+        halo_attention(q, q, q, 2, 1, rel_height=torch.zeros(7, 4))

@@ -1,0 +1,76 @@
+"""Halo attention (HaloNet) as a token mixer."""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import trunc_normal_
+from torch import nn
+
+from visionzoo.kernels import crop_map, halo_attention, pad_to_multiple
+
+from .registry import TokenMixer, register_mixer, resolve_num_heads
+
+__all__ = ["HaloAttention"]
+
+
+@register_mixer("halo")
+class HaloAttention(TokenMixer):
+    """Blocked local self-attention with a halo, parameterised like timm's ``HaloAttn``.
+
+    ``q`` and ``kv`` are timm's 1x1 convolutions as linear layers (``kv`` holds each head's
+    key then value channels, as timm lays them out) and ``rel_height``/``rel_width`` its
+    ``pos_embed.height_rel``/``width_rel``. Unlike timm's layer, which is used inside a
+    bottleneck, the mixer ends with an output projection (``proj=False`` drops it). Any map
+    size: the map is zero-padded to a multiple of the block size, then cropped.
+
+    Args:
+        dim: channels.
+        num_heads: attention heads; ``dim // head_dim`` when None.
+        block_size: query block b.
+        halo_size: halo h around each block.
+        head_dim: channels per head when ``num_heads`` is None.
+        qkv_bias: bias on the query and key/value projections (timm: False).
+        proj: end with a linear output projection.
+        backend: kernel backend.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int | None = None,
+        block_size: int = 8,
+        halo_size: int = 3,
+        head_dim: int = 32,
+        qkv_bias: bool = False,
+        proj: bool = True,
+        backend: str = "auto",
+    ):
+        super().__init__(dim, backend)
+        self.num_heads = resolve_num_heads(dim, num_heads, head_dim)
+        if block_size < 1 or halo_size < 0:
+            raise ValueError(f"block_size must be positive and halo_size non-negative, got {block_size}, {halo_size}")
+        self.head_dim = dim // self.num_heads
+        self.block_size, self.halo_size = block_size, halo_size
+        window = block_size + 2 * halo_size
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.rel_height = nn.Parameter(torch.zeros(2 * window - 1, self.head_dim))
+        self.rel_width = nn.Parameter(torch.zeros(2 * window - 1, self.head_dim))
+        for table in (self.rel_height, self.rel_width):
+            trunc_normal_(table, std=self.head_dim**-0.5)
+        self.proj = nn.Linear(dim, dim) if proj else nn.Identity()
+
+    def no_weight_decay(self) -> set[str]:
+        return {"rel_height", "rel_width"}
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        x, size = pad_to_multiple(x, self.block_size)
+        batch, height, width, _ = x.shape
+        q = self.q(x).reshape(batch, height, width, self.num_heads, self.head_dim).permute(0, 3, 1, 2, 4)
+        kv = self.kv(x).reshape(batch, height, width, self.num_heads, 2 * self.head_dim).permute(0, 3, 1, 2, 4)
+        k, v = kv.chunk(2, dim=-1)
+        out = halo_attention(
+            q, k, v, self.block_size, self.halo_size, self.rel_height, self.rel_width, backend=self.kernel_backend
+        )
+        out = out.permute(0, 2, 3, 1, 4).reshape(batch, height, width, self.dim)
+        return self.proj(crop_map(out, size))
