@@ -58,3 +58,19 @@ def test_forward_only_backends_are_skipped_for_training_on_cpu(monkeypatch):
 def test_cpu_peak_memory_sees_a_large_allocation():
     peak = bench.peak_memory_mib(lambda: torch.ones(64, 2**20).sum(), torch.device("cpu"))
     assert 200 < peak < 1000  # 256 MiB tensor
+
+
+def test_bench_mixer_times_ours_against_timm(monkeypatch):
+    monkeypatch.setitem(bench.MIXER_CASES, "halo", [bench._halo_case(1, 8, 16, 2, 4, 1)])
+    monkeypatch.setitem(bench.MIXER_CASES, "multi_axis", [bench._partition_case(1, 8, 32, 4, "grid")])
+    for name in ("halo", "multi_axis"):
+        rows = bench.bench_mixer(name, min_run_time=0.01)
+        assert [(r.mode, r.backend) for r in rows] == [
+            ("forward", "timm"),
+            ("forward", "visionzoo"),
+            ("forward+backward", "timm"),
+            ("forward+backward", "visionzoo"),
+        ]
+        assert rows[0].speedup == 1.0 and all(r.median_ms > 0 for r in rows)
+    with pytest.raises(ValueError, match="no timm comparison for mixer 'global'"):
+        bench.bench_mixer("global")

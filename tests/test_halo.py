@@ -8,21 +8,13 @@ from visionzoo import create_mixer
 from visionzoo.kernels import halo_attention
 
 
-def _copy_from_timm(mixer, layer):
-    with torch.no_grad():
-        mixer.q.weight.copy_(layer.q.weight[:, :, 0, 0])
-        mixer.kv.weight.copy_(layer.kv.weight[:, :, 0, 0])
-        mixer.rel_height.copy_(layer.pos_embed.height_rel)
-        mixer.rel_width.copy_(layer.pos_embed.width_rel)
-
-
 @pytest.mark.parametrize(
     "dim, heads, block, halo, size", [(32, 4, 4, 1, (8, 12)), (64, 2, 8, 3, (16, 24)), (16, 1, 2, 2, (6, 4))]
 )
 def test_matches_timm_halo_attn(dim, heads, block, halo, size):
     layer = HaloAttn(dim, num_heads=heads, block_size=block, halo_size=halo).eval()
     mixer = create_mixer("halo", dim, num_heads=heads, block_size=block, halo_size=halo, proj=False).eval()
-    _copy_from_timm(mixer, layer)
+    mixer.load_timm_weights(layer)
     x = torch.randn(2, *size, dim)
     with torch.no_grad():
         expected = layer(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -32,7 +24,7 @@ def test_matches_timm_halo_attn(dim, heads, block, halo, size):
 def test_matches_timm_gradients():
     layer = HaloAttn(32, num_heads=2, block_size=4, halo_size=2)
     mixer = create_mixer("halo", 32, num_heads=2, block_size=4, halo_size=2, proj=False)
-    _copy_from_timm(mixer, layer)
+    mixer.load_timm_weights(layer)
     x = torch.randn(1, 8, 8, 32)
     mixer(x).square().sum().backward()
     layer(x.permute(0, 3, 1, 2)).square().sum().backward()

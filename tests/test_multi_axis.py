@@ -15,19 +15,14 @@ def _timm_layer(dim, partition, size, dim_head):
     return PartitionAttentionCl(dim, partition, cfg).eval()
 
 
-def _copy_from_timm(ours: PartitionAttention, layer: PartitionAttentionCl) -> None:
-    ours.qkv.load_state_dict(layer.attn.qkv.state_dict())
-    ours.proj.load_state_dict(layer.attn.proj.state_dict())
-    with torch.no_grad():
-        ours.relative_position_bias_table.copy_(layer.attn.rel_pos.relative_position_bias_table.normal_())
-
-
 @pytest.mark.parametrize("partition", ["block", "grid"])
 @pytest.mark.parametrize("size, map_size", [((4, 4), (8, 12)), ((7, 7), (14, 21)), ((2, 3), (6, 6))])
 def test_matches_timm_partition_attention(partition, size, map_size):
     layer = _timm_layer(32, partition, size, dim_head=8)
     mixer = create_mixer("multi_axis", 32, num_heads=4, window_size=size, partition=partition).eval()
-    _copy_from_timm(getattr(mixer, partition), layer)
+    with torch.no_grad():
+        layer.attn.rel_pos.relative_position_bias_table.normal_()
+    getattr(mixer, partition).load_timm_weights(layer.attn)
     x = torch.randn(2, *map_size, 32)
     with torch.no_grad():
         torch.testing.assert_close(mixer(x), layer._partition_attn(x), atol=1e-5, rtol=1e-5)

@@ -1,8 +1,9 @@
 """Benchmarks and model statistics.
 
-Kernel ops: every backend side by side, in one process. Each figure is the median of
-``torch.utils.benchmark`` blocked runs (CUDA-synchronised), with the interquartile range as
-spread and the speed-up over the ``reference`` backend.
+Kernel ops: every backend side by side, in one process; mixers: ours against timm's layer on
+the same inputs and weights. Each figure is the median of ``torch.utils.benchmark`` blocked
+runs (CUDA-synchronised), with the interquartile range as spread and the speed-up over the
+baseline (the ``reference`` backend, or timm).
 
 Models: parameters and multiply-accumulates counted by ``torch.utils.flop_counter`` with the
 reference kernels (whose matmuls it sees), attention included.
@@ -21,17 +22,21 @@ from typing import TextIO
 
 import timm
 import torch
+from torch import nn
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from visionzoo.kernels import get_op, use_backend
 from visionzoo.kernels.dispatch import REFERENCE, KernelOp
+from visionzoo.mixers import create_mixer
 
 __all__ = [
     "MARKDOWN_HEADER",
+    "MIXER_CASES",
     "OP_CASES",
     "ModelStats",
     "OpTiming",
+    "bench_mixer",
     "bench_op",
     "format_markdown",
     "format_model_markdown",
@@ -147,6 +152,14 @@ def peak_memory_mib(fn: Callable[[], None], device: torch.device) -> float | Non
     return (_status_kib("VmHWM") - base) / 1024
 
 
+def _time(fn: Callable[[], None], device: torch.device, min_run_time: float) -> tuple[float, float, float | None]:
+    """Median and IQR in ms, and peak MiB, of ``fn`` after one warm-up call (which also compiles)."""
+    fn()
+    peak = peak_memory_mib(fn, device)
+    timing = benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    return timing.median * 1e3, timing.iqr * 1e3, peak
+
+
 def bench_op(
     name: str,
     device: str = "cpu",
@@ -180,13 +193,10 @@ def bench_op(
                 fn = _runner(op, args, backend, backward=mode != "forward")
                 if mode != "forward" and not op.supports(backend, *_grad_args(args)):
                     continue  # forward-only backend on this device
-                fn()  # warm-up, and compilation for backends that compile
-                peak = peak_memory_mib(fn, dev)
-                timing = benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-                median = timing.median * 1e3
+                median, iqr, peak = _time(fn, dev, min_run_time)
                 reference = median if backend == REFERENCE else reference
                 row = OpTiming(name, case.label, case_batch, str(dev), str(dtype).removeprefix("torch."), mode,
-                               backend, median, timing.iqr * 1e3, reference / median, peak)  # fmt: skip
+                               backend, median, iqr, reference / median, peak)  # fmt: skip
                 rows.append(row)
                 if on_row:
                     on_row(row)
@@ -194,7 +204,7 @@ def bench_op(
 
 
 MARKDOWN_HEADER = (
-    "| op | case | batch | device | dtype | mode | backend | median ms | IQR ms | speed-up vs reference | peak MiB |\n"
+    "| op | case | batch | device | dtype | mode | backend | median ms | IQR ms | speed-up vs baseline | peak MiB |\n"
     "| --- | --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"
 )
 
@@ -205,6 +215,106 @@ def markdown_row(r: OpTiming) -> str:
         f"| {r.op} | {r.case} | {r.batch} | {r.device} | {r.dtype} | {r.mode} | {r.backend} "
         f"| {r.median_ms:.3f} | {r.iqr_ms:.3f} | {r.speedup:.2f}x | {peak} |"
     )
+
+
+@dataclass(frozen=True)
+class MixerCase:
+    """Our mixer against timm's layer on the same weights: ``build(device, dtype, batch)`` returns
+    ``(ours, our_input, timm_module, timm_input)``."""
+
+    label: str
+    batch: int
+    build: Callable[[torch.device, torch.dtype, int], tuple[nn.Module, torch.Tensor, nn.Module, torch.Tensor]]
+
+
+def _halo_case(batch: int, size: int, dim: int, heads: int, block: int, halo: int) -> MixerCase:
+    from timm.layers.halo_attn import HaloAttn
+
+    def build(device, dtype, batch):
+        theirs = HaloAttn(dim, num_heads=heads, block_size=block, halo_size=halo).to(device, dtype)
+        ours = create_mixer("halo", dim, num_heads=heads, block_size=block, halo_size=halo, proj=False)
+        ours = ours.to(device, dtype)
+        ours.load_timm_weights(theirs)
+        x = torch.randn(batch, size, size, dim, device=device, dtype=dtype)
+        return ours, x, theirs, x.permute(0, 3, 1, 2).contiguous()
+
+    return MixerCase(f"{size}x{size} C={dim} heads={heads} b={block} h={halo}", batch, build)
+
+
+class _TimmPartitionAttention(nn.Module):
+    """timm's maxxvit partition + attention + reverse, without the block's norm and MLP."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer._partition_attn(x)
+
+
+def _partition_case(batch: int, size: int, dim: int, window: int, partition: str) -> MixerCase:
+    from timm.models.maxxvit import MaxxVitTransformerCfg, PartitionAttentionCl
+
+    def build(device, dtype, batch):
+        cfg = MaxxVitTransformerCfg(dim_head=32, head_first=False, window_size=window, rel_pos_type="bias")
+        theirs = PartitionAttentionCl(dim, partition, cfg).to(device, dtype)
+        ours = create_mixer("multi_axis", dim, head_dim=32, window_size=window, partition=partition)
+        ours = ours.to(device, dtype)
+        getattr(ours, partition).load_timm_weights(theirs.attn)
+        x = torch.randn(batch, size, size, dim, device=device, dtype=dtype)
+        return ours, x, _TimmPartitionAttention(theirs), x
+
+    return MixerCase(f"{partition} {size}x{size} C={dim} P={window}", batch, build)
+
+
+# HaloNet-style stage (block 8, halo 3) and MaxViT-T's first stage (64 channels, 56x56, P=G=7)
+MIXER_CASES: dict[str, list[MixerCase]] = {
+    "halo": [_halo_case(8, 56, 128, 4, 8, 3)],
+    "multi_axis": [_partition_case(8, 56, 64, 7, "block"), _partition_case(8, 56, 64, 7, "grid")],
+}
+
+
+def bench_mixer(
+    name: str,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    backward: bool = True,
+    min_run_time: float = 1.0,
+    batch: int | None = None,
+    on_row: Callable[[OpTiming], None] | None = None,
+) -> list[OpTiming]:
+    """Time our mixer ``name`` against timm's layer on the same inputs and weights (baseline: timm)."""
+    if name not in MIXER_CASES:
+        raise ValueError(f"no timm comparison for mixer {name!r}; mixers with one: {', '.join(MIXER_CASES)}")
+    dev, rows = torch.device(device), []
+    for case in MIXER_CASES[name]:
+        case_batch = batch or case.batch
+        ours, our_input, theirs, timm_input = case.build(dev, dtype, case_batch)
+        for mode in ("forward", "forward+backward") if backward else ("forward",):
+            baseline = float("nan")
+            for impl, module, x in (("timm", theirs, timm_input), ("visionzoo", ours, our_input)):
+                fn = _module_runner(module, x, backward=mode != "forward")
+                median, iqr, peak = _time(fn, dev, min_run_time)
+                baseline = median if impl == "timm" else baseline
+                row = OpTiming(name, case.label, case_batch, str(dev), str(dtype).removeprefix("torch."), mode,
+                               impl, median, iqr, baseline / median, peak)  # fmt: skip
+                rows.append(row)
+                if on_row:
+                    on_row(row)
+    return rows
+
+
+def _module_runner(module: nn.Module, x: torch.Tensor, backward: bool) -> Callable[[], None]:
+    if backward:
+        module.train()
+        return lambda: module(x).sum().backward()
+    module.eval()
+
+    def forward():
+        with torch.no_grad():
+            module(x)
+
+    return forward
 
 
 def format_markdown(rows: list[OpTiming]) -> str:

@@ -27,11 +27,21 @@ def _list(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
-    from visionzoo.bench import MARKDOWN_HEADER, OP_CASES, bench_op, markdown_row, write_csv
+    from visionzoo.bench import MARKDOWN_HEADER, OP_CASES, bench_mixer, bench_op, markdown_row, write_csv
 
     print(MARKDOWN_HEADER, flush=True)
     rows = []
-    for name in args.op or list(OP_CASES):
+    for name in args.mixer or []:
+        rows += bench_mixer(
+            name,
+            device=args.device,
+            dtype=getattr(torch, args.dtype),
+            backward=not args.forward_only,
+            min_run_time=args.min_run_time,
+            batch=args.batch,
+            on_row=lambda row: print(markdown_row(row), flush=True),
+        )
+    for name in args.op or ([] if args.mixer else list(OP_CASES)):
         rows += bench_op(
             name,
             device=args.device,
@@ -68,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("what", choices=LISTABLE)
     listing.set_defaults(run=_list)
 
-    bench = commands.add_parser("bench", help="time every backend of kernel ops side by side")
+    bench = commands.add_parser("bench", help="time kernel backends, or our mixers against timm's layers")
     bench.add_argument("--op", action="append", help="kernel op to time (repeatable; default: all with cases)")
+    bench.add_argument("--mixer", action="append", help="mixer to time against timm's layer (repeatable)")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     bench.add_argument("--forward-only", action="store_true", help="skip the forward+backward timings")

@@ -63,6 +63,17 @@ class HaloAttention(TokenMixer):
     def no_weight_decay(self) -> set[str]:
         return {"rel_height", "rel_width"}
 
+    @torch.no_grad()
+    def load_timm_weights(self, layer: nn.Module) -> None:
+        """Copy the weights of a ``timm.layers.halo_attn.HaloAttn`` of the same sizes (stride 1)."""
+        self.q.weight.copy_(layer.q.weight[:, :, 0, 0])
+        self.kv.weight.copy_(layer.kv.weight[:, :, 0, 0])
+        for ours, theirs in ((self.q, layer.q), (self.kv, layer.kv)):
+            if ours.bias is not None:
+                ours.bias.copy_(theirs.bias)
+        self.rel_height.copy_(layer.pos_embed.height_rel)
+        self.rel_width.copy_(layer.pos_embed.width_rel)
+
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         x, size = pad_to_multiple(x, self.block_size)
         batch, height, width, _ = x.shape

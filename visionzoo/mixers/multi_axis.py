@@ -49,6 +49,13 @@ class PartitionAttention(MultiHeadMixer):
     def no_weight_decay(self) -> set[str]:
         return {"relative_position_bias_table"}
 
+    @torch.no_grad()
+    def load_timm_weights(self, attn: nn.Module) -> None:
+        """Copy timm's maxxvit ``AttentionCl`` (``head_first=False``, ``rel_pos_type="bias"``) of the same sizes."""
+        self.qkv.load_state_dict(attn.qkv.state_dict())
+        self.proj.load_state_dict(attn.proj.state_dict())
+        self.relative_position_bias_table.copy_(attn.rel_pos.relative_position_bias_table)
+
     def _bias(self, x: torch.Tensor, padded_size: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
         tokens = self.size[0] * self.size[1]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
