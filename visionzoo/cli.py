@@ -30,28 +30,19 @@ def _bench(args: argparse.Namespace) -> int:
     from visionzoo.bench import MARKDOWN_HEADER, OP_CASES, bench_mixer, bench_op, markdown_row, write_csv
 
     print(MARKDOWN_HEADER, flush=True)
+    common = dict(
+        device=args.device,
+        dtype=getattr(torch, args.dtype),
+        backward=not args.forward_only,
+        min_run_time=args.min_run_time,
+        batch=args.batch,
+        on_row=lambda row: print(markdown_row(row), flush=True),
+    )
     rows = []
     for name in args.mixer or []:
-        rows += bench_mixer(
-            name,
-            device=args.device,
-            dtype=getattr(torch, args.dtype),
-            backward=not args.forward_only,
-            min_run_time=args.min_run_time,
-            batch=args.batch,
-            on_row=lambda row: print(markdown_row(row), flush=True),
-        )
+        rows += bench_mixer(name, **common)
     for name in args.op or ([] if args.mixer else list(OP_CASES)):
-        rows += bench_op(
-            name,
-            device=args.device,
-            dtype=getattr(torch, args.dtype),
-            backward=not args.forward_only,
-            min_run_time=args.min_run_time,
-            batch=args.batch,
-            cases=args.case,
-            on_row=lambda row: print(markdown_row(row), flush=True),
-        )
+        rows += bench_op(name, cases=args.case, **common)
     if args.csv:
         with open(args.csv, "w", newline="") as stream:
             write_csv(rows, stream)
