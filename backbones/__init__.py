@@ -6,7 +6,7 @@ if __name__ != "visionzoo.backbones":
         "Install visionzoo (pip install -e .) and import visionzoo."
     )
 
-from . import nat
+from . import biformer, ela_resnet, nat, transnext
 from .mixvit import MixVit, MixVitCfg
 
-__all__ = ["MixVit", "MixVitCfg", "nat"]
+__all__ = ["MixVit", "MixVitCfg", "biformer", "ela_resnet", "nat", "transnext"]

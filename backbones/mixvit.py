@@ -19,22 +19,23 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, get_norm_layer, trunc_normal_
+from timm.layers import ClassifierHead, get_act_layer, get_norm_layer, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
 
 from visionzoo.blocks import MixStage
-from visionzoo.layers import ConvStem
+from visionzoo.layers import BatchNormCl, ConvStem, PatchEmbedStem
 
-__all__ = ["MixVit", "MixVitCfg", "build_mixvit", "mixvit_cfg"]
+__all__ = ["MixVit", "MixVitCfg", "build_mixvit", "check_images", "mixvit_cfg", "rename_key"]
 
 MixerSpec = str | Sequence[str]
 MixerKwargsSpec = Mapping[str, Any] | Sequence[Mapping[str, Any]]
@@ -47,6 +48,19 @@ class MixVitCfg:
     ``mixers`` and ``mixer_kwargs`` hold one entry per stage; a sequence in place of a
     single entry is cycled over the stage's blocks (e.g. DiNAT's alternating dilations:
     ``({"dilation": 1}, {"dilation": 8})``). A single mixer name applies to every stage.
+
+    BiFormer-style options (defaults keep NAT's layout): ``conv_norm_layer`` is the norm of
+    the stem, the downsamplings and the final norm (``norm_layer`` when None; ``batchnorm``
+    runs BatchNorm2d on the channels-last maps, with its own default eps), ``stem_act`` adds
+    a norm and this activation between the stem's convolutions, ``downsample_bias`` gives the
+    downsampling convolutions a bias, and ``pos_embed_kernel`` starts every block with a
+    depthwise-convolution position encoding of that size.
+
+    TransNeXt-style options (defaults keep NAT's layout): ``mlp_ratio`` may hold one ratio
+    per stage, ``stem="patch"`` is one 7x7 stride-4 convolution (:class:`PatchEmbedStem`),
+    ``embed_norm_eps`` is the eps of the stem's and the downsamplings' norms (``norm_eps``
+    when None), and ``stage_norm`` ends every stage but the last with a norm (the last one
+    has the model's final norm).
     """
 
     embed_dim: tuple[int, ...] = (64, 128, 256, 512)
@@ -54,12 +68,19 @@ class MixVitCfg:
     num_heads: tuple[int, ...] = (2, 4, 8, 16)
     mixers: MixerSpec | tuple[MixerSpec, ...] = "global"
     mixer_kwargs: tuple[MixerKwargsSpec, ...] = ()
-    mlp_ratio: float = 3.0
+    mlp_ratio: float | tuple[float, ...] = 3.0
     mlp_layer: str = "mlp"
     layer_scale_init: float | None = None
     norm_layer: str = "layernorm"
     norm_eps: float = 1e-5
     block_mixer_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    conv_norm_layer: str | None = None
+    stem_act: str | None = None
+    downsample_bias: bool = False
+    pos_embed_kernel: int = 0
+    stem: str = "conv"
+    embed_norm_eps: float | None = None
+    stage_norm: bool = False
 
     def __post_init__(self):
         num_stages = len(self.depths)
@@ -76,6 +97,12 @@ class MixVitCfg:
                 raise ValueError(f"{name} has {len(value)} entries for {num_stages} stages")
         set_("mixers", mixers)
         set_("mixer_kwargs", mixer_kwargs)
+        if not isinstance(self.mlp_ratio, int | float):
+            set_("mlp_ratio", tuple(self.mlp_ratio))
+            if len(self.mlp_ratio) != num_stages:
+                raise ValueError(f"mlp_ratio has {len(self.mlp_ratio)} entries for {num_stages} stages")
+        if self.stem not in ("conv", "patch"):
+            raise ValueError(f"stem must be 'conv' or 'patch', got {self.stem!r}")
 
     def stage_blocks(self, stage: int) -> tuple[list[str], list[dict[str, Any]]]:
         """Mixer name and keyword arguments of each block of ``stage``."""
@@ -90,6 +117,17 @@ class MixVitCfg:
         return names, kwargs
 
 
+def check_images(model: nn.Module, x: torch.Tensor) -> None:
+    """Raise a ValueError naming the model unless ``x`` is ``(B, model.in_chans, H, W)`` of at least
+    ``model.min_input_size``."""
+    name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+    if x.ndim != 4 or x.shape[1] != model.in_chans:
+        raise ValueError(f"{name} expects images (B, {model.in_chans}, H, W), got {tuple(x.shape)}")
+    min_h, min_w = model.min_input_size
+    if x.shape[2] < min_h or x.shape[3] < min_w:
+        raise ValueError(f"{name} needs inputs of at least {min_h}x{min_w}, got {x.shape[2]}x{x.shape[3]}")
+
+
 class MixVit(nn.Module):
     """Hierarchical vision transformer with a configurable token mixer per stage.
 
@@ -101,6 +139,8 @@ class MixVit(nn.Module):
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, rising linearly to this rate over all blocks.
     """
+
+    output_fmt = "NHWC"  # of forward_features, as timm's channels-last models declare it
 
     def __init__(
         self,
@@ -117,8 +157,18 @@ class MixVit(nn.Module):
         self.global_pool = global_pool
         self.grad_checkpointing = False
         norm_layer = partial(get_norm_layer(cfg.norm_layer), eps=cfg.norm_eps)
+        conv_norm_layer = norm_layer
+        if cfg.conv_norm_layer is not None:
+            conv_norm_layer = BatchNormCl if cfg.conv_norm_layer == "batchnorm" else get_norm_layer(cfg.conv_norm_layer)
 
-        self.stem = ConvStem(in_chans, cfg.embed_dim[0], norm_layer)
+        embed_norm_layer = conv_norm_layer
+        if cfg.embed_norm_eps is not None:
+            embed_norm_layer = partial(conv_norm_layer, eps=cfg.embed_norm_eps)
+        stem_act = get_act_layer(cfg.stem_act) if cfg.stem_act else None
+        if cfg.stem == "patch":
+            self.stem = PatchEmbedStem(in_chans, cfg.embed_dim[0], embed_norm_layer)
+        else:
+            self.stem = ConvStem(in_chans, cfg.embed_dim[0], embed_norm_layer, act_layer=stem_act)
         rates = torch.linspace(0, drop_path_rate, sum(cfg.depths)).split(cfg.depths)
         stages, self.feature_info = [], []
         in_dim, reduction = cfg.embed_dim[0], 4
@@ -134,8 +184,12 @@ class MixVit(nn.Module):
                     drop_path=rates[i].tolist(),
                     downsample=i > 0,
                     norm_layer=norm_layer,
+                    downsample_norm_layer=embed_norm_layer,
+                    downsample_bias=cfg.downsample_bias,
+                    out_norm=cfg.stage_norm and i < len(cfg.depths) - 1,
+                    pos_embed_kernel=cfg.pos_embed_kernel,
                     num_heads=heads,
-                    mlp_ratio=cfg.mlp_ratio,
+                    mlp_ratio=cfg.mlp_ratio[i] if isinstance(cfg.mlp_ratio, tuple) else cfg.mlp_ratio,
                     mlp_layer=cfg.mlp_layer,
                     layer_scale_init=cfg.layer_scale_init,
                 )
@@ -144,7 +198,7 @@ class MixVit(nn.Module):
             in_dim = dim
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = in_dim
-        self.norm = norm_layer(in_dim)
+        self.norm = conv_norm_layer(in_dim)
         self.head = ClassifierHead(in_dim, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC")
         self.min_input_size = self._min_input_size()
         self.apply(self._init_weights)
@@ -170,12 +224,7 @@ class MixVit(nn.Module):
         return min_h, min_w
 
     def _check_input(self, x: torch.Tensor) -> None:
-        name = getattr(self, "pretrained_cfg", {}).get("architecture", type(self).__name__)
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"{name} expects images (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
-        min_h, min_w = self.min_input_size
-        if x.shape[2] < min_h or x.shape[3] < min_w:
-            raise ValueError(f"{name} needs inputs of at least {min_h}x{min_w}, got {x.shape[2]}x{x.shape[3]}")
+        check_images(self, x)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -195,6 +244,7 @@ class MixVit(nn.Module):
             else [
                 (r"^stages\.(\d+)\.downsample", (0,)),
                 (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^stages\.(\d+)\.norm", (99999,)),
                 (r"^norm", (99999,)),
             ],
         )
@@ -295,12 +345,35 @@ model_cfgs = {
         mixer_kwargs=(({"partition": "block"}, {"partition": "grid"}),) * 4,
         block_mixer_kwargs={"window_size": 7},
     ),
-    # HaloNet's block 8 and halo 3 (windows of 14x14 keys)
+    # 7x7 query blocks over 9x9 keys: HaloNet's block 8 / halo 3 (14x14 keys) costs 28% more MACs
     "mixvit_tiny_halo": MixVitCfg(
-        depths=(3, 4, 18, 5), mixers="halo", block_mixer_kwargs={"block_size": 8, "halo_size": 3}
+        depths=(3, 4, 18, 5), mixers="halo", block_mixer_kwargs={"block_size": 7, "halo_size": 1}
     ),
     # the attention's 4*C^2 parameters per block move into the MLP: ratio 3 + 2 = 5
     "mixvit_tiny_eca": MixVitCfg(depths=(3, 4, 18, 5), mixers="eca", mlp_ratio=5.0),
+    "mixvit_tiny_ela": MixVitCfg(depths=(3, 4, 18, 5), mixers="ela", mlp_ratio=5.0),
+    # TransNeXt's mixers (aggregated in stages 1-3, full cosine attention in stage 4). Their CPB MLP,
+    # pooled branch and sr conv cost ~0.35 GMACs more than NA: paid for with narrower MLPs where the
+    # tokens are many (ratios 1 and 2 in stages 1-2; 2.5 in stage 3 pays for the sr conv's params)
+    "mixvit_tiny_aggregated": MixVitCfg(
+        depths=(3, 4, 18, 5),
+        mixers=("aggregated", "aggregated", "aggregated", "cosine_global"),
+        mixer_kwargs=(
+            {"sr_ratio": 8, "pretrain_size": 56},
+            {"sr_ratio": 4, "pretrain_size": 28},
+            {"sr_ratio": 2, "pretrain_size": 14},
+            {"pretrain_size": 7},
+        ),
+        mlp_ratio=(1.0, 2.0, 2.5, 3.0),
+    ),
+    # BiFormer's 7x7 regions and top-k 1/4/16, all 49 regions (global) in the last stage; with
+    # the 5x5 LePE: +0.6% parameters and +3.0% MACs over mixvit_tiny_neighborhood at 224x224
+    "mixvit_tiny_routing": MixVitCfg(
+        depths=(3, 4, 18, 5),
+        mixers="routing",
+        mixer_kwargs=tuple({"topk": topk} for topk in (1, 4, 16, 49)),
+        block_mixer_kwargs={"n_win": 7},
+    ),
     "mixvit_base": MixVitCfg(
         embed_dim=(128, 256, 512, 1024),
         depths=(3, 4, 18, 5),
@@ -317,6 +390,15 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MixVit) -> 
         if container in state_dict and isinstance(state_dict[container], Mapping):
             state_dict = state_dict[container]
     return dict(state_dict)
+
+
+def rename_key(key: str, rules: Sequence[tuple[str, str | Callable[[re.Match], str]]]) -> str:
+    """``key`` renamed by the first of ``rules`` (regex, replacement) that matches it; unchanged if none does."""
+    for pattern, replacement in rules:
+        key, count = re.subn(pattern, replacement, key)
+        if count:
+            break
+    return key
 
 
 def _split_cfg_kwargs(cfg: MixVitCfg, kwargs: dict[str, Any]) -> MixVitCfg:
@@ -408,3 +490,18 @@ def mixvit_tiny_halo(pretrained: bool = False, **kwargs) -> MixVit:
 @register_model
 def mixvit_tiny_eca(pretrained: bool = False, **kwargs) -> MixVit:
     return _create_mixvit("mixvit_tiny_eca", pretrained, **kwargs)
+
+
+@register_model
+def mixvit_tiny_ela(pretrained: bool = False, **kwargs) -> MixVit:
+    return _create_mixvit("mixvit_tiny_ela", pretrained, **kwargs)
+
+
+@register_model
+def mixvit_tiny_aggregated(pretrained: bool = False, **kwargs) -> MixVit:
+    return _create_mixvit("mixvit_tiny_aggregated", pretrained, **kwargs)
+
+
+@register_model
+def mixvit_tiny_routing(pretrained: bool = False, **kwargs) -> MixVit:
+    return _create_mixvit("mixvit_tiny_routing", pretrained, **kwargs)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from timm.models import generate_default_cfgs, register_model
 
-from .mixvit import MixVit, MixVitCfg, build_mixvit, mixvit_cfg
+from .mixvit import MixVit, MixVitCfg, build_mixvit, mixvit_cfg, rename_key
 from .mixvit import checkpoint_filter_fn as unwrap_state_dict
 
 __all__ = ["checkpoint_filter_fn"]
@@ -83,10 +83,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: MixVit) 
             part = "conv" if match[2] == "reduction" else "norm"
             key = f"stages.{int(match[1]) + 1}.downsample.{part}.{key[match.end() :]}"
         else:
-            for pattern, replacement in _KEY_RULES:
-                key, count = re.subn(pattern, replacement, key)
-                if count:
-                    break
+            key = rename_key(key, _KEY_RULES)
         out[key] = value
     return out
 

@@ -6,16 +6,35 @@ if __name__ != "visionzoo.kernels":
         "Install visionzoo (pip install -e .) and import visionzoo.kernels."
     )
 
+from .aggregated import (
+    aggregated_attention,
+    aggregated_attention_reference,
+    aggregated_attention_unfold,
+    length_scale,
+    pooled_position_coords,
+)
 from .attention import dense_attention, dense_attention_reference
 from .dispatch import ENV_VAR, Capability, KernelOp, get_op, is_exporting, list_ops, use_backend
 from .halo import halo_attention, halo_attention_reference
 from .neighborhood import neighborhood_attention, neighborhood_attention_reference, neighborhood_windows
+from .routing import (
+    bilevel_routing_attention,
+    bilevel_routing_attention_gather,
+    bilevel_routing_attention_reference,
+    route_regions,
+)
 from .windows import crop_map, pad_to_multiple, partition_windows, relative_position_index, unpartition_windows
 
 __all__ = [
     "ENV_VAR",
     "Capability",
     "KernelOp",
+    "aggregated_attention",
+    "aggregated_attention_reference",
+    "aggregated_attention_unfold",
+    "bilevel_routing_attention",
+    "bilevel_routing_attention_gather",
+    "bilevel_routing_attention_reference",
     "crop_map",
     "dense_attention",
     "dense_attention_reference",
@@ -23,13 +42,16 @@ __all__ = [
     "halo_attention",
     "halo_attention_reference",
     "is_exporting",
+    "length_scale",
     "list_ops",
     "neighborhood_attention",
     "neighborhood_attention_reference",
     "neighborhood_windows",
     "pad_to_multiple",
     "partition_windows",
+    "pooled_position_coords",
     "relative_position_index",
+    "route_regions",
     "unpartition_windows",
     "use_backend",
 ]

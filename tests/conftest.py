@@ -5,6 +5,35 @@ import visionzoo
 
 MODELS = visionzoo.list_models()
 
+_SIZES = ("mini", "micro", "tiny", "small", "base", "large")
+
+
+def _family_and_rank(name: str) -> tuple[str, int]:
+    """``nat_mini``: ("nat", 0); ``mixvit_tiny_halo``: ("mixvit_halo", 2); ``ela_resnet50``: ("ela_resnet", 50)."""
+    parts, rank = [], 0
+    for part in name.split("_"):
+        if part in _SIZES:
+            rank = _SIZES.index(part)
+        elif part[-1].isdigit():
+            stem = part.rstrip("0123456789")
+            parts.append(stem)
+            rank = int(part[len(stem) :])
+        else:
+            parts.append(part)
+    return "_".join(parts), rank
+
+
+def _smallest_of_each_family(names: list[str]) -> list[str]:
+    smallest: dict[str, tuple[int, str]] = {}
+    for name in names:
+        family, rank = _family_and_rank(name)
+        smallest[family] = min(smallest.get(family, (rank, name)), (rank, name))
+    return sorted(name for _, name in smallest.values())
+
+
+# Sizes of a family share their code: the thorough per-model tests run on the smallest one.
+FAMILY_MODELS = _smallest_of_each_family(MODELS)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -1,10 +1,14 @@
 """The mixvit family: per-stage and per-block mixer configuration."""
 
+from functools import cache
+
 import pytest
 import timm
 import torch
 
+import visionzoo
 from visionzoo.backbones.mixvit import MixVitCfg
+from visionzoo.bench import model_stats
 from visionzoo.mixers import GlobalAttention
 
 
@@ -64,3 +68,15 @@ def test_checkpoint_filter_unwraps_containers():
     state = model.state_dict()
     assert checkpoint_filter_fn({"state_dict": state}, model).keys() == state.keys()
     assert checkpoint_filter_fn({"model": state}, model).keys() == state.keys()
+
+
+@pytest.mark.parametrize("name", [n for n in visionzoo.list_models("mixvit_tiny_*") if n != "mixvit_tiny_neighborhood"])
+def test_presets_match_the_local_baseline(name):
+    # params within 5% of mixvit_tiny; MACs within 5% of mixvit_tiny_neighborhood (mixvit_tiny's
+    # global mixer is quadratic: 8.9 GMACs at 224x224 against 4.3 for the local mixers)
+    stats = model_stats(name)
+    assert abs(stats.params / _stats("mixvit_tiny").params - 1) < 0.05
+    assert abs(stats.gmacs / _stats("mixvit_tiny_neighborhood").gmacs - 1) < 0.05
+
+
+_stats = cache(model_stats)

@@ -29,6 +29,8 @@ class MixBlock(nn.Module):
         layer_scale_init: initial LayerScale value; None disables LayerScale.
         drop_path: stochastic-depth rate of this block.
         norm_layer: norm constructor taking the channel count.
+        pos_embed_kernel: when positive, the block starts with a conditional position encoding
+            ``x + dwconv(x)`` (depthwise convolution of this size, ``pos_embed``), as in BiFormer.
     """
 
     def __init__(
@@ -42,8 +44,11 @@ class MixBlock(nn.Module):
         layer_scale_init: float | None,
         drop_path: float,
         norm_layer: Callable[[int], nn.Module],
+        pos_embed_kernel: int = 0,
     ):
         super().__init__()
+        if pos_embed_kernel:
+            self.pos_embed = nn.Conv2d(dim, dim, pos_embed_kernel, padding=pos_embed_kernel // 2, groups=dim)
         self.norm1 = norm_layer(dim)
         self.mixer = create_mixer(mixer, dim, num_heads=num_heads, **mixer_kwargs)
         self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
@@ -54,6 +59,8 @@ class MixBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "pos_embed"):
+            x = x + self.pos_embed(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         x = x + self.drop_path1(self.ls1(self.mixer(self.norm1(x))))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
@@ -68,6 +75,9 @@ class MixStage(nn.Module):
         mixer_kwargs: mixer keyword arguments of each block.
         drop_path: stochastic-depth rate of each block.
         downsample: start with a :class:`Downsample` from ``in_dim`` to ``dim``.
+        downsample_norm_layer: the downsample's norm; ``norm_layer`` when None.
+        downsample_bias: bias on the downsample's convolution.
+        out_norm: end with a norm (``norm``), as TransNeXt's stages do.
         **block_kwargs: the remaining :class:`MixBlock` arguments, shared by all blocks.
     """
 
@@ -80,20 +90,28 @@ class MixStage(nn.Module):
         drop_path: Sequence[float],
         downsample: bool,
         norm_layer: Callable[[int], nn.Module],
+        downsample_norm_layer: Callable[[int], nn.Module] | None = None,
+        downsample_bias: bool = False,
+        out_norm: bool = False,
         **block_kwargs,
     ):
         super().__init__()
         self.grad_checkpointing = False
-        self.downsample = Downsample(in_dim, dim, norm_layer) if downsample else nn.Identity()
+        self.downsample = (
+            Downsample(in_dim, dim, downsample_norm_layer or norm_layer, bias=downsample_bias)
+            if downsample
+            else nn.Identity()
+        )
         self.blocks = nn.Sequential(
             *(
                 MixBlock(dim, mixer=name, mixer_kwargs=kwargs, drop_path=rate, norm_layer=norm_layer, **block_kwargs)
                 for name, kwargs, rate in zip(mixers, mixer_kwargs, drop_path, strict=True)
             )
         )
+        self.norm = norm_layer(dim) if out_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
+            return self.norm(checkpoint_seq(self.blocks, x))
+        return self.norm(self.blocks(x))

@@ -11,30 +11,74 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
-__all__ = ["CHANNEL_MIXERS", "ConvGLU", "ConvStem", "Downsample", "create_channel_mixer"]
+__all__ = [
+    "CHANNEL_MIXERS",
+    "BatchNormCl",
+    "ConvGLU",
+    "ConvStem",
+    "Downsample",
+    "PatchEmbedStem",
+    "create_channel_mixer",
+]
+
+
+class BatchNormCl(nn.BatchNorm2d):
+    """``BatchNorm2d`` over a channels-last map ``(B, H, W, C)``, with BatchNorm2d's parameter names."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
 class ConvStem(nn.Module):
-    """Overlapping patch embedding, stride 4: two 3x3 stride-2 convolutions, then a norm (NAT's tokenizer)."""
+    """Overlapping patch embedding, stride 4: two 3x3 stride-2 convolutions, then a norm (NAT's tokenizer).
 
-    def __init__(self, in_chans: int, dim: int, norm_layer: Callable[[int], nn.Module]):
+    With ``act_layer`` the first convolution is followed by a norm and the activation
+    (``norm1``, ``act``), as in UniFormer's and BiFormer's stems.
+    """
+
+    def __init__(
+        self,
+        in_chans: int,
+        dim: int,
+        norm_layer: Callable[[int], nn.Module],
+        act_layer: Callable[[], nn.Module] | None = None,
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, dim // 2, kernel_size=3, stride=2, padding=1)
+        if act_layer is not None:
+            self.norm1 = norm_layer(dim // 2)
+            self.act = act_layer()
         self.conv2 = nn.Conv2d(dim // 2, dim, kernel_size=3, stride=2, padding=1)
         self.norm = norm_layer(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """NCHW image in, channels-last map out."""
-        x = self.conv2(self.conv1(x))
+        x = self.conv1(x)
+        if hasattr(self, "act"):
+            x = self.act(self.norm1(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        x = self.conv2(x)
         return self.norm(x.permute(0, 2, 3, 1))
+
+
+class PatchEmbedStem(nn.Module):
+    """Overlapping patch embedding, stride 4, in one ``kernel_size`` convolution, then a norm (TransNeXt, PVTv2)."""
+
+    def __init__(self, in_chans: int, dim: int, norm_layer: Callable[[int], nn.Module], kernel_size: int = 7):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chans, dim, kernel_size=kernel_size, stride=4, padding=kernel_size // 2)
+        self.norm = norm_layer(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """NCHW image in, channels-last map out."""
+        return self.norm(self.conv(x).permute(0, 2, 3, 1))
 
 
 class Downsample(nn.Module):
     """Halves H and W with a 3x3 stride-2 convolution, then a norm (NAT's downsampler)."""
 
-    def __init__(self, in_dim: int, out_dim: int, norm_layer: Callable[[int], nn.Module]):
+    def __init__(self, in_dim: int, out_dim: int, norm_layer: Callable[[int], nn.Module], bias: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1, bias=False)
+        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1, bias=bias)
         self.norm = norm_layer(out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,324 @@
+"""Aggregated attention (TransNeXt): a sliding window and pooled tokens under one softmax.
+
+Shi, "TransNeXt: Robust Foveal Visual Perception for Vision Transformers" (CVPR 2024);
+reference code DaiShiResearch/TransNeXt (``classification/attention_native.py``).
+
+Each query ``i`` attends, under a single softmax, to
+
+- its ``window x window`` neighbours (zero-padded at the border, padded keys masked out)
+  with a learnable relative position bias ``rpb``, and
+- ``P`` pooled tokens with an arbitrary bias ``pool_bias`` (TransNeXt's continuous position
+  bias, see :func:`pooled_position_coords`).
+
+Logits are length-scaled cosine similarities: ``q_hat = (normalize(q) + query_embedding) *
+logit_scale * log(n_i + P)`` against normalised keys, where ``n_i`` is the number of
+in-image window positions of query ``i``. After the softmax, the learnable tokens'
+affinities ``normalize(q) @ learnable_tokens + learnable_bias`` are added to the window
+weights (the paper's "dynamic local bias"), exactly in the order of the official code.
+
+Tensors are ``(B, heads, H, W, head_dim)``; pooled keys/values ``(B, heads, P, head_dim)``.
+Backends:
+
+- ``reference``: windows stacked from ``window**2`` shifted views of the padded keys and
+  values, so memory is O(H*W*(window**2 + P)) per head: no (HW x HW) matrix.
+- ``flex``: ``flex_attention`` over the concatenated window and pooled keys with a block
+  mask of the windows and both biases as a score modification; the learnable-token term
+  is added outside. Only when forced (not yet measured on a GPU). On CPU it runs forward
+  only and unfused (the full score matrix), so it declines there above 1 GiB of scores.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import AUTO, Capability, KernelOp
+
+__all__ = [
+    "aggregated_attention",
+    "aggregated_attention_reference",
+    "aggregated_attention_unfold",
+    "length_scale",
+    "pooled_position_coords",
+]
+
+
+def _cached_geometry(fn):
+    """``lru_cache`` for index tables, built outside inference mode so that training may reuse them."""
+
+    @functools.lru_cache(maxsize=64)
+    @functools.wraps(fn)
+    def cached(*args):
+        with torch.inference_mode(False):
+            return fn(*args)
+
+    return cached
+
+
+def _check_window(window_size: int) -> None:
+    if window_size < 1 or window_size % 2 == 0:
+        raise ValueError(f"window_size must be odd and positive, got {window_size}")
+
+
+@_cached_geometry
+def _window_geometry(height: int, width: int, window_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """In-image mask ``(H, W, window**2)`` of every window position and its count ``(H, W)``."""
+    radius = window_size // 2
+    offsets = torch.arange(-radius, radius + 1, device=device)
+    rows = torch.arange(height, device=device)[:, None] + offsets  # (H, window)
+    cols = torch.arange(width, device=device)[:, None] + offsets
+    row_ok, col_ok = (rows >= 0) & (rows < height), (cols >= 0) & (cols < width)
+    valid = (row_ok[:, None, :, None] & col_ok[None, :, None, :]).reshape(height, width, -1)
+    return valid, valid.sum(-1)
+
+
+def length_scale(height: int, width: int, window_size: int, pool_len: int, device: torch.device | str = "cpu"):
+    """``log(n_i + P)`` per query ``(H, W)``, rounded to float32 as the official buffer is."""
+    _, count = _window_geometry(height, width, window_size, torch.device(device))
+    return torch.log(count.double() + pool_len).float()
+
+
+@_cached_geometry
+def _axis_coords(length: int, pooled: int, pretrain: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique scaled offsets along one axis between queries and pooled-cell centres, and their index.
+
+    The offsets are half-integers, found in Python so that tracing and ONNX export see constants;
+    the scaling runs in float32 as in the official code (``adaptive_avg_pool1d`` of the positions).
+    """
+    # adaptive pooling's cell j spans [floor(j L / p), ceil((j + 1) L / p)): its mean position
+    centres = [((j * length) // pooled + -(-(j + 1) * length // pooled) - 1) / 2 for j in range(pooled)]
+    offsets = [[i - c for c in centres] for i in range(length)]
+    unique = sorted({d for row in offsets for d in row})
+    position = {d: n for n, d in enumerate(unique)}
+    index = torch.tensor([[position[d] for d in row] for row in offsets], device=device)
+    return torch.tensor(unique, dtype=torch.float32, device=device) / (pretrain - 1) * 8, index
+
+
+def pooled_position_coords(
+    size: tuple[int, int], pool_size: tuple[int, int], pretrain_size: tuple[int, int], device=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-spaced relative coordinates of every (query, pooled key) pair, for the CPB MLP.
+
+    Offsets between a query position and a pooled cell's centre (the mean of the positions it
+    pools) are divided by ``pretrain_size - 1``, times 8, and mapped to
+    ``sign(d) * log2(1 + |d|) / log2(8)``, as the official ``get_relative_position_cpb``.
+    Rows and columns are separable, so the table is the product of the unique offsets per axis.
+
+    Returns:
+        ``table`` ``(U_h, U_w, 2)`` float32 and the indices ``row_index`` ``(H, 1, ph, 1)`` and
+        ``col_index`` ``(1, W, 1, pw)``: the bias of pair ``((y, x), (i, j))`` is
+        ``mlp(table)[row_index[y, 0, i, 0], col_index[0, x, 0, j]]``.
+    """
+    if min(pretrain_size) < 2:
+        raise ValueError(f"pretrain_size must be at least 2x2, got {pretrain_size}")
+    return _pooled_coords(tuple(size), tuple(pool_size), tuple(pretrain_size), torch.device(device or "cpu"))
+
+
+@_cached_geometry
+def _pooled_coords(size, pool_size, pretrain_size, device):
+    (height, width), (pool_h, pool_w), (pre_h, pre_w) = size, pool_size, pretrain_size
+    rows, row_index = _axis_coords(height, pool_h, pre_h, device)
+    cols, col_index = _axis_coords(width, pool_w, pre_w, device)
+    table = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)
+    table = torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+    return table, row_index[:, None, :, None], col_index[None, :, None, :]
+
+
+def _windows(x: torch.Tensor, window_size: int) -> torch.Tensor:
+    """Every token's zero-padded window of ``x``, row-major offsets: ``(B, h, H, W, window**2, D)``.
+
+    Stacked from shifted views of the padded map (``window**2`` times the map, linear in
+    tokens); the products with it are einsums, so FLOP counters see the window MACs.
+    """
+    height, width = x.shape[2], x.shape[3]
+    radius = window_size // 2
+    padded = F.pad(x, (0, 0, radius, radius, radius, radius))
+    shifted = [padded[:, :, a : a + height, b : b + width] for a in range(window_size) for b in range(window_size)]
+    return torch.stack(shifted, dim=-2)
+
+
+def _window_sum(weights: torch.Tensor, values: torch.Tensor, window_size: int) -> torch.Tensor:
+    """``sum_o weights[..., o] * values at window offset o``: ``(B, h, H, W, D)``."""
+    return torch.einsum("bhijo,bhijod->bhijd", weights, _windows(values, window_size))
+
+
+def _scaled_queries(q, query_embedding, logit_scale, window_size, pool_len):
+    """Normalised queries and the length-scaled cosine queries ``(q_hat)`` of the logits."""
+    heads, height, width = q.shape[1], q.shape[2], q.shape[3]
+    q_norm = F.normalize(q, dim=-1)
+    scale = length_scale(height, width, window_size, pool_len, q.device).to(q.dtype)
+    q_hat = (q_norm + query_embedding.reshape(heads, 1, 1, -1)) * logit_scale.reshape(heads, 1, 1, 1)
+    return q_norm, q_hat * scale[..., None]
+
+
+def _learnable_affinity(q_norm, learnable_tokens, learnable_bias):
+    """The learnable tokens' weights on the window ``(B, h, H, W, window**2)``, added after the softmax."""
+    heads = q_norm.shape[1]
+    return torch.einsum("bhijd,hdo->bhijo", q_norm, learnable_tokens) + learnable_bias.reshape(heads, 1, 1, -1)
+
+
+def aggregated_attention_reference(
+    q, k, v, k_pool, v_pool, query_embedding, logit_scale, rpb, pool_bias, learnable_tokens, learnable_bias, window_size
+):
+    """Plain-PyTorch aggregated attention; see :func:`aggregated_attention`."""
+    _check_window(window_size)
+    batch, heads, height, width, _ = q.shape
+    pool_len = k_pool.shape[2]
+    q_norm, q_hat = _scaled_queries(q, query_embedding, logit_scale, window_size, pool_len)
+    keys = F.normalize(k, dim=-1)
+    local = torch.einsum("bhijd,bhijod->bhijo", q_hat, _windows(keys, window_size))
+    valid, _ = _window_geometry(height, width, window_size, q.device)
+    local = (local + rpb.reshape(heads, 1, 1, -1).to(q.dtype)).masked_fill(~valid, float("-inf"))
+    pooled = q_hat.flatten(2, 3) @ F.normalize(k_pool, dim=-1).transpose(-2, -1) + pool_bias.to(q.dtype)
+    logits = torch.cat([local.flatten(2, 3), pooled], dim=-1)
+    weights = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1).to(v.dtype)
+    local_weights, pool_weights = weights.split([window_size**2, pool_len], dim=-1)
+    local_weights = local_weights.reshape(batch, heads, height, width, -1)
+    local_weights = local_weights + _learnable_affinity(q_norm, learnable_tokens, learnable_bias)
+    out = _window_sum(local_weights, v, window_size)
+    return out + (pool_weights @ v_pool).reshape(out.shape)
+
+
+def aggregated_attention_unfold(
+    q, k, v, k_pool, v_pool, query_embedding, logit_scale, rpb, pool_bias, learnable_tokens, learnable_bias, window_size
+):
+    """The official unfused formulation (``attention_native.py``), for benchmarks: ``F.unfold`` of
+    the channel-first keys and values into ``(B, heads, N, head_dim, window**2)`` windows, the
+    padding mask from an unfold of ones, and (1 x head_dim) @ (head_dim x window**2) matmuls."""
+    _check_window(window_size)
+    batch, heads, height, width, dim = q.shape
+    tokens, pool_len, local_len = height * width, k_pool.shape[2], window_size**2
+    q_norm = F.normalize(q.flatten(2, 3), dim=-1)
+    ones = F.unfold(q.new_ones(1, 1, height, width), window_size, padding=window_size // 2)[0]
+    scale = torch.log(ones.sum(0).double() + pool_len).float().to(q.dtype)[:, None]
+    q_hat = (q_norm + query_embedding[:, None]) * logit_scale[:, None, None] * scale
+
+    def unfold(x):  # (B, heads, H, W, D) -> (B, heads, N, D, window**2)
+        x = x.permute(0, 1, 4, 2, 3).reshape(batch, heads * dim, height, width)
+        x = F.unfold(x, window_size, padding=window_size // 2)
+        return x.reshape(batch, heads, dim, local_len, tokens).permute(0, 1, 4, 2, 3)
+
+    k_local, v_local = unfold(F.normalize(k, dim=-1)), unfold(v)
+    attn_local = (q_hat.unsqueeze(-2) @ k_local).squeeze(-2) + rpb[:, None]
+    attn_local = attn_local.masked_fill(ones.t() == 0, float("-inf"))
+    attn_pool = q_hat @ F.normalize(k_pool, dim=-1).transpose(-2, -1) + pool_bias
+    attn = torch.cat([attn_local, attn_pool], dim=-1).softmax(dim=-1)
+    attn_local, attn_pool = attn.split([local_len, pool_len], dim=-1)
+    attn_local = q_norm @ learnable_tokens + learnable_bias[:, None] + attn_local
+    out = (attn_local.unsqueeze(-2) @ v_local.transpose(-2, -1)).squeeze(-2) + attn_pool @ v_pool
+    return out.reshape(batch, heads, height, width, dim)
+
+
+_op = KernelOp("aggregated_attention", aggregated_attention_reference)
+
+
+_MAX_UNFUSED_SCORE_BYTES = 2**30
+
+
+def can_run_flex(q, k, v, k_pool, v_pool, *args) -> Capability:
+    tensors = (q, k, v, k_pool, v_pool, *(a for a in args if isinstance(a, torch.Tensor)))
+    if q.device.type != "cuda" and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return Capability.no(f"flex_attention on {q.device.type} is forward-only")
+    if not q.dtype == k.dtype == v.dtype == k_pool.dtype == v_pool.dtype:
+        return Capability.no("mixed dtypes")
+    batch, heads, height, width, _ = q.shape
+    tokens = height * width
+    score_bytes = batch * heads * tokens * (tokens + k_pool.shape[2]) * q.element_size()
+    if q.device.type != "cuda" and score_bytes > _MAX_UNFUSED_SCORE_BYTES:
+        gib = score_bytes / 2**30
+        return Capability.no(f"flex_attention on {q.device.type} runs unfused and would hold {gib:.1f} GiB of scores")
+    return Capability.yes()
+
+
+@functools.lru_cache(maxsize=32)
+def _flex_block_mask(height: int, width: int, pool_len: int, window_size: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    tokens, radius = height * width, window_size // 2
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        near = ((kv_idx // width - q_idx // width).abs() <= radius) & ((kv_idx % width - q_idx % width).abs() <= radius)
+        return (kv_idx >= tokens) | near
+
+    return create_block_mask(mask_mod, None, None, tokens, tokens + pool_len, device=device)
+
+
+@_op.register("flex", can_run_flex, auto_devices=())
+def aggregated_attention_flex(
+    q, k, v, k_pool, v_pool, query_embedding, logit_scale, rpb, pool_bias, learnable_tokens, learnable_bias, window_size
+):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    _check_window(window_size)
+    batch, heads, height, width, dim = q.shape
+    tokens, pool_len, radius = height * width, k_pool.shape[2], window_size // 2
+    q_norm, q_hat = _scaled_queries(q, query_embedding, logit_scale, window_size, pool_len)
+    keys = torch.cat([F.normalize(k, dim=-1).flatten(2, 3), F.normalize(k_pool, dim=-1)], dim=2)
+    values = torch.cat([v.flatten(2, 3), v_pool], dim=2)
+    rpb, pool_bias = rpb.to(q.dtype), pool_bias.to(q.dtype)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        # also evaluated on masked-out pairs: clamp every index into its table
+        is_local = kv_idx < tokens
+        dy = (kv_idx // width - q_idx // width).clamp(-radius, radius) + radius
+        dx = (kv_idx % width - q_idx % width).clamp(-radius, radius) + radius
+        local = rpb[h, dy * window_size + dx]
+        pooled = pool_bias[h, q_idx, (kv_idx - tokens).clamp(0, pool_len - 1)]
+        return score + torch.where(is_local, local, pooled)
+
+    mask = _flex_block_mask(height, width, pool_len, window_size, q.device)
+    out = flex_attention(q_hat.flatten(2, 3), keys, values, score_mod=score_mod, block_mask=mask, scale=1.0)
+    extra = _window_sum(_learnable_affinity(q_norm, learnable_tokens, learnable_bias), v, window_size)
+    return out.reshape(batch, heads, height, width, dim) + extra
+
+
+def aggregated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    query_embedding: torch.Tensor,
+    logit_scale: torch.Tensor,
+    rpb: torch.Tensor,
+    pool_bias: torch.Tensor,
+    learnable_tokens: torch.Tensor,
+    learnable_bias: torch.Tensor,
+    window_size: int = 3,
+    backend: str = AUTO,
+) -> torch.Tensor:
+    """Length-scaled cosine attention to a sliding window and pooled tokens under one softmax.
+
+    Args:
+        q: queries ``(B, heads, H, W, head_dim)``, before normalisation.
+        k: window keys, same shape, before normalisation.
+        v: window values, same shape.
+        k_pool: pooled keys ``(B, heads, P, head_dim)``, before normalisation.
+        v_pool: pooled values ``(B, heads, P, head_dim)``.
+        query_embedding: added to the normalised queries, ``(heads, head_dim)``.
+        logit_scale: per-head temperature (TransNeXt: ``softplus(tau)``), ``(heads,)``.
+        rpb: window relative position bias ``(heads, window_size**2)``, row-major offsets.
+        pool_bias: bias of every (query, pooled key) pair ``(heads, H*W, P)``.
+        learnable_tokens: ``(heads, head_dim, window_size**2)``.
+        learnable_bias: ``(heads, window_size**2)``.
+        window_size: odd window side.
+        backend: ``auto``, ``reference`` or ``flex``.
+    """
+    return _op(
+        q,
+        k,
+        v,
+        k_pool,
+        v_pool,
+        query_embedding,
+        logit_scale,
+        rpb,
+        pool_bias,
+        learnable_tokens,
+        learnable_bias,
+        window_size,
+        backend=backend,
+    )

@@ -1,0 +1,325 @@
+"""Bi-level routing attention (BiFormer, Zhu et al., CVPR 2023).
+
+The map is split into an ``S x S`` grid of regions (``n_win = S``). Level one routes regions:
+region queries and keys are the means of the (detached) queries and keys of each region,
+all heads together; their scaled affinity picks, for every query region, the ``topk`` key
+regions with the highest scores (``torch.topk``, ties as it resolves them). Level two is
+token-to-token attention of each query region over the tokens of its routed regions, per
+head. As in the official code (``ops/bra_legacy.py``) the same ``scale`` serves both levels
+and no gradient flows through the routing.
+
+Tensors are ``(B, heads, H, W, head_dim)`` with H and W multiples of ``n_win``; values may
+have their own head dim. ``valid_size`` marks the top-left ``(h, w)`` tokens as real and the
+rest as padding: padded tokens are left out of the region means, never chosen before a
+region with real tokens, and masked out of the attention.
+
+Backends:
+
+- ``reference``: gathers the routed keys and values of a chunk of query regions at a time
+  (``index_select``, so the backward is an ``index_add`` into the un-expanded keys), with a
+  hand-written backward that recomputes each chunk from the saved log-sum-exp: memory stays
+  linear in tokens times ``topk`` for one chunk, whatever the map size.
+- ``flex``: ``flex_attention`` over region-major tokens with a ``BlockMask`` of the routed
+  region pairs (CUDA; forward only on CPU). Only when forced, for now.
+
+:func:`bilevel_routing_attention_gather` is the official formulation (expand + ``torch.gather``
+of every routed region for every query region, autograd backward) for benchmarks; it is not
+a backend, since its backward materialises a ``regions x regions`` copy of keys and values.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .dispatch import AUTO, Capability, KernelOp, is_exporting
+
+__all__ = [
+    "bilevel_routing_attention",
+    "bilevel_routing_attention_gather",
+    "bilevel_routing_attention_reference",
+    "route_regions",
+]
+
+# Logits of one chunk of query regions stay below this many elements (128 MiB in fp32).
+_CHUNK_ELEMENTS = 2**25
+
+
+def _check_grid(height: int, width: int, n_win: int) -> None:
+    if n_win < 1:
+        raise ValueError(f"n_win must be positive, got {n_win}")
+    if height % n_win or width % n_win:
+        raise ValueError(
+            f"bilevel routing attention needs maps that are multiples of n_win {n_win}, got {height}x{width}; "
+            "pad them (the routing mixer does)"
+        )
+
+
+def _regions(x: torch.Tensor, n_win: int) -> torch.Tensor:
+    """``(B, h, H, W, d)`` to ``(B, h, n_win**2, region_tokens, d)``, regions and tokens row-major."""
+    batch, heads, height, width, dim = x.shape
+    rh, rw = height // n_win, width // n_win
+    x = x.reshape(batch, heads, n_win, rh, n_win, rw, dim).transpose(3, 4)
+    return x.reshape(batch, heads, n_win * n_win, rh * rw, dim)
+
+
+def _unregions(x: torch.Tensor, n_win: int, height: int, width: int) -> torch.Tensor:
+    batch, heads, _, _, dim = x.shape
+    x = x.reshape(batch, heads, n_win, n_win, height // n_win, width // n_win, dim).transpose(3, 4)
+    return x.reshape(batch, heads, height, width, dim)
+
+
+@functools.lru_cache(maxsize=64)
+def _valid_tokens(height: int, width: int, valid_h: int, valid_w: int, n_win: int, device: torch.device):
+    """Real (not padded) tokens in region layout: ``(n_win**2, region_tokens)`` bool."""
+    rows = torch.arange(height, device=device)[:, None] < valid_h
+    cols = torch.arange(width, device=device)[None, :] < valid_w
+    return _regions((rows & cols)[None, None, :, :, None], n_win)[0, 0, :, :, 0]
+
+
+def _valid_or_none(q: torch.Tensor, n_win: int, valid_size: tuple[int, int] | None) -> torch.Tensor | None:
+    height, width = q.shape[2], q.shape[3]
+    if valid_size is None or tuple(valid_size) == (height, width):
+        return None
+    valid_h, valid_w = valid_size
+    if not (0 < valid_h <= height and 0 < valid_w <= width):
+        raise ValueError(f"valid_size {tuple(valid_size)} must lie within the {height}x{width} map")
+    return _valid_tokens(height, width, valid_h, valid_w, n_win, q.device)
+
+
+def route_regions(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    n_win: int,
+    topk: int,
+    scale: float | None = None,
+    valid_size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Level one: the ``min(topk, n_win**2)`` key regions of every query region, ``(B, n_win**2, topk)``.
+
+    Regions are numbered row-major over the ``n_win x n_win`` grid. No gradient flows here.
+    """
+    _check_grid(q.shape[2], q.shape[3], n_win)
+    if topk < 1:
+        raise ValueError(f"topk must be positive, got {topk}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    valid = _valid_or_none(q, n_win, valid_size)
+    q_regions, k_regions = _regions(q.detach(), n_win), _regions(k.detach(), n_win)
+    if valid is None:
+        q_mean, k_mean = q_regions.mean(-2), k_regions.mean(-2)
+    else:
+        weights = valid.to(q.dtype) / valid.sum(-1, keepdim=True).clamp(min=1)
+        q_mean = torch.einsum("bhrtd,rt->bhrd", q_regions, weights)
+        k_mean = torch.einsum("bhrtd,rt->bhrd", k_regions, weights)
+    # all heads together: (B, regions, heads * d)
+    q_mean, k_mean = q_mean.transpose(1, 2).flatten(2), k_mean.transpose(1, 2).flatten(2)
+    affinity = (q_mean * scale) @ k_mean.transpose(-1, -2)
+    if valid is not None:  # regions made only of padding come last
+        affinity = affinity.masked_fill(~valid.any(-1), float("-inf"))
+    return torch.topk(affinity, k=min(topk, affinity.shape[-1]), dim=-1).indices
+
+
+def _routed(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Tokens of the routed regions: ``x`` ``(B, h, R, T, d)``, ``index`` ``(B, c, k)`` -> ``(B, h, c, k*T, d)``."""
+    batch, heads, regions, tokens, dim = x.shape
+    flat = x.reshape(batch * heads * regions, tokens, dim)
+    offsets = torch.arange(batch * heads, device=x.device).view(batch, heads, 1, 1) * regions
+    rows = (index[:, None] + offsets).flatten()
+    return flat.index_select(0, rows).reshape(batch, heads, index.shape[1], index.shape[2] * tokens, dim)
+
+
+def _add_routed(out: torch.Tensor, grad: torch.Tensor, index: torch.Tensor) -> None:
+    """Adjoint of :func:`_routed`: adds ``grad`` ``(B, h, c, k*T, d)`` onto a contiguous ``(B, h, R, T, d)``."""
+    batch, heads, regions, tokens, dim = out.shape
+    offsets = torch.arange(batch * heads, device=grad.device).view(batch, heads, 1, 1) * regions
+    rows = (index[:, None] + offsets).flatten()
+    out.view(-1, tokens, dim).index_add_(0, rows, grad.reshape(-1, tokens, dim))
+
+
+def _key_bias(valid: torch.Tensor | None, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """``-inf`` on padded keys of the routed regions: ``(B, 1, c, 1, k*T)``, or None without padding."""
+    if valid is None:
+        return None
+    keep = valid[index].flatten(-2)  # (B, c, k*T)
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))[:, None, :, None]
+
+
+def _logits(q, k, bias, scale):
+    logits = (q * scale) @ k.transpose(-1, -2)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return logits if bias is None else logits + bias
+
+
+def _chunks(q: torch.Tensor, index: torch.Tensor):
+    """Slices over query regions so that one chunk's logits stay below ``_CHUNK_ELEMENTS``."""
+    batch, heads, regions, tokens, _ = q.shape
+    per_region = batch * heads * tokens * tokens * index.shape[-1]
+    step = max(1, _CHUNK_ELEMENTS // per_region)
+    return [slice(start, min(start + step, regions)) for start in range(0, regions, step)]
+
+
+def _attend(q, k, v, index, valid, scale, with_lse=False):
+    """Forward over region chunks: output ``(B, h, R, T, dv)`` and, if asked, log-sum-exp ``(B, h, R, T, 1)``."""
+    outs, lses = [], []
+    for part in _chunks(q, index):
+        idx = index[:, part]
+        logits = _logits(q[:, :, part], _routed(k, idx), _key_bias(valid, idx, q.dtype), scale)
+        if with_lse:
+            lses.append(logits.logsumexp(-1, keepdim=True))
+        outs.append(logits.softmax(-1).to(v.dtype) @ _routed(v, idx))
+    return torch.cat(outs, 2), torch.cat(lses, 2) if with_lse else None
+
+
+class _RoutingAttention(torch.autograd.Function):
+    """Saves the output and log-sum-exp only; the backward regathers each chunk's keys and values."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, index, valid, scale):
+        out, lse = _attend(q, k, v, index, valid, scale, with_lse=True)
+        ctx.save_for_backward(q, k, v, index, out, lse)
+        ctx.valid, ctx.scale = valid, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, index, out, lse = ctx.saved_tensors
+        valid, scale = ctx.valid, ctx.scale
+        grad_q = torch.empty_like(q)
+        grad_k, grad_v = (torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (k, v))
+        grad_out = grad_out.contiguous()
+        row_dot = (grad_out * out).sum(-1, keepdim=True)  # sum_j p_ij dp_ij per query
+        for part in _chunks(q, index):
+            idx, q_part, g_part = index[:, part], q[:, :, part], grad_out[:, :, part]
+            k_routed, v_routed = _routed(k, idx), _routed(v, idx)
+            logits = _logits(q_part, k_routed, _key_bias(valid, idx, q.dtype), scale)
+            weights = logits.sub_(lse[:, :, part]).exp_().to(q.dtype)
+            _add_routed(grad_v, weights.transpose(-1, -2) @ g_part, idx)
+            grad_logits = (g_part @ v_routed.transpose(-1, -2)).sub_(row_dot[:, :, part]).mul_(weights)
+            grad_q[:, :, part] = (grad_logits @ k_routed).mul_(scale)
+            _add_routed(grad_k, grad_logits.transpose(-1, -2) @ (q_part * scale), idx)
+        return grad_q, grad_k, grad_v, None, None, None
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def bilevel_routing_attention_reference(q, k, v, n_win, topk, scale=None, valid_size=None):
+    """Plain-PyTorch bi-level routing attention; see :func:`bilevel_routing_attention`."""
+    height, width = q.shape[2], q.shape[3]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    index = route_regions(q, k, n_win, topk, scale, valid_size)
+    valid = _valid_or_none(q, n_win, valid_size)
+    q_r, k_r, v_r = _regions(q, n_win), _regions(k, n_win), _regions(v, n_win)
+    if _needs_grad(q, k, v) and not is_exporting():
+        out = _RoutingAttention.apply(q_r, k_r, v_r, index, valid, scale)
+    else:
+        out = _attend(q_r, k_r, v_r, index, valid, scale)[0]
+    return _unregions(out, n_win, height, width)
+
+
+_op = KernelOp("bilevel_routing_attention", bilevel_routing_attention_reference)
+
+
+def can_run_flex(q, k, v, n_win, topk, scale=None, valid_size=None) -> Capability:
+    if q.device.type != "cuda" and _needs_grad(q, k, v):
+        return Capability.no(f"flex_attention on {q.device.type} is forward-only")
+    if not q.dtype == k.dtype == v.dtype:
+        return Capability.no("mixed dtypes")
+    if q.shape[-1] != v.shape[-1]:
+        return Capability.no("flex_attention needs equal query and value head dims")
+    tokens = q.shape[2] * q.shape[3]
+    if q.device.type != "cuda" and q.shape[0] * q.shape[1] * tokens * tokens > _CHUNK_ELEMENTS:
+        return Capability.no(f"unfused flex_attention on {q.device.type} would build all {tokens}x{tokens} scores")
+    return Capability.yes()
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@_op.register("flex", can_run_flex, auto_devices=())
+def bilevel_routing_attention_flex(q, k, v, n_win, topk, scale=None, valid_size=None):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if q.device.type != "cuda" and not torch.is_grad_enabled():
+        q, k, v = q.detach(), k.detach(), v.detach()
+    batch, _, height, width, _ = q.shape
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    index = route_regions(q, k, n_win, topk, scale, valid_size)
+    valid = _valid_or_none(q, n_win, valid_size)
+    regions = n_win * n_win
+    tokens = (height // n_win) * (width // n_win)
+    routed = torch.zeros(batch, regions, regions, dtype=torch.bool, device=q.device)
+    routed.scatter_(2, index, True)
+    valid_flat = None if valid is None else valid.flatten()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = routed[b, q_idx // tokens, kv_idx // tokens]
+        return keep if valid_flat is None else keep & valid_flat[kv_idx]
+
+    length = regions * tokens
+    block_mask = create_block_mask(mask_mod, batch, None, length, length, device=q.device)
+    q_r, k_r, v_r = (_regions(t, n_win).flatten(2, 3) for t in (q, k, v))
+    attend = _compiled_flex_attention() if q.device.type == "cuda" else flex_attention
+    out = attend(q_r, k_r, v_r, block_mask=block_mask, scale=scale)
+    return _unregions(out.unflatten(2, (regions, tokens)), n_win, height, width)
+
+
+def bilevel_routing_attention_gather(q, k, v, n_win, topk, scale=None):
+    """The official formulation (``ops/bra_legacy.py``), for benchmarks: every query region
+    gathers its routed keys and values from a ``regions x regions`` expanded view, whose
+    autograd backward materialises that whole view. No padding support."""
+    batch, heads, height, width, dim = q.shape
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    index = route_regions(q, k, n_win, topk, scale)
+
+    def channels_last_regions(x):  # (B, R, T, heads * d), heads-major channels as in the official qkv
+        return _regions(x, n_win).permute(0, 2, 3, 1, 4).flatten(3)
+
+    kv = torch.cat([channels_last_regions(k), channels_last_regions(v)], -1)
+    _, regions, tokens, channels = kv.shape
+    topk = index.shape[-1]
+    kv = torch.gather(
+        kv[:, None].expand(-1, regions, -1, -1, -1),
+        2,
+        index.view(batch, regions, topk, 1, 1).expand(-1, -1, -1, tokens, channels),
+    )  # (B, R, topk, T, C_k + C_v)
+    k_sel, v_sel = kv.split([heads * dim, kv.shape[-1] - heads * dim], -1)
+
+    def per_head(x):  # (B, R, topk, T, heads * d) -> (B, heads, R, topk * T, d)
+        return x.flatten(2, 3).unflatten(-1, (heads, -1)).permute(0, 3, 1, 2, 4)
+
+    weights = ((_regions(q, n_win) * scale) @ per_head(k_sel).transpose(-1, -2)).softmax(-1)
+    return _unregions(weights @ per_head(v_sel), n_win, height, width)
+
+
+def bilevel_routing_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    n_win: int,
+    topk: int,
+    scale: float | None = None,
+    valid_size: tuple[int, int] | None = None,
+    backend: str = AUTO,
+) -> torch.Tensor:
+    """Each query region attends to the tokens of its ``topk`` most related regions.
+
+    Args:
+        q: queries ``(B, heads, H, W, head_dim)``, H and W multiples of ``n_win``.
+        k: keys, same shape.
+        v: values ``(B, heads, H, W, head_dim_v)``.
+        n_win: regions per side (``n_win x n_win`` regions).
+        topk: routed regions per query region; at least ``n_win**2`` gives full attention.
+        scale: logit scale of both levels; ``head_dim ** -0.5`` when None (BiFormer uses
+            ``(heads * head_dim) ** -0.5``).
+        valid_size: ``(h, w)`` of the real tokens at the top left; the rest is padding.
+        backend: ``auto``, ``reference`` or ``flex``.
+    """
+    _check_grid(q.shape[2], q.shape[3], n_win)
+    return _op(q, k, v, n_win, topk, scale, valid_size, backend=backend)

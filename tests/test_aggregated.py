@@ -1,0 +1,204 @@
+"""Aggregated attention (TransNeXt): the op against a dense oracle, backends, mixers and dynamic sizes."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from visionzoo.kernels import (
+    aggregated_attention,
+    aggregated_attention_unfold,
+    get_op,
+    length_scale,
+    pooled_position_coords,
+)
+from visionzoo.mixers import create_mixer
+
+
+def dense_oracle(q, k, v, k_pool, v_pool, query_embedding, logit_scale, rpb, pool_bias, tokens, token_bias, window):
+    """Dense attention over the explicit union of every query's window keys and the pooled keys."""
+    batch, heads, height, width, dim = q.shape
+    n, radius = height * width, window // 2
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    dy = ys.reshape(1, -1) - ys.reshape(-1, 1)  # key row - query row, (N, N)
+    dx = xs.reshape(1, -1) - xs.reshape(-1, 1)
+    in_window = (dy.abs() <= radius) & (dx.abs() <= radius)
+    offset = ((dy + radius) * window + dx + radius).clamp(0, window * window - 1)  # row-major window position
+    count = in_window.sum(-1).double()
+
+    q_norm = F.normalize(q.reshape(batch, heads, n, dim), dim=-1)
+    q_hat = (q_norm + query_embedding[:, None]) * logit_scale[:, None, None]
+    q_hat = q_hat * torch.log(count + k_pool.shape[2]).float().to(q.dtype)[:, None]
+    keys = F.normalize(k.reshape(batch, heads, n, dim), dim=-1)
+    local = q_hat @ keys.transpose(-2, -1) + rpb[:, offset]
+    local = local.masked_fill(~in_window, float("-inf"))
+    pooled = q_hat @ F.normalize(k_pool, dim=-1).transpose(-2, -1) + pool_bias
+    weights = torch.cat([local, pooled], -1).softmax(-1)
+    # learnable tokens: (q_norm @ tokens + token_bias) at window offset, zero outside the window
+    token_weights = q_norm @ tokens + token_bias[:, None]  # (B, heads, N, window^2)
+    token_weights = torch.gather(token_weights, -1, offset.expand(batch, heads, n, n)) * in_window
+    out = (weights[..., :n] + token_weights) @ v.reshape(batch, heads, n, dim) + weights[..., n:] @ v_pool
+    return out.reshape(batch, heads, height, width, dim)
+
+
+def make_inputs(batch=2, heads=2, height=5, width=7, dim=4, pool=6, window=3, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    n = height * width
+    return dict(
+        q=rand(batch, heads, height, width, dim),
+        k=rand(batch, heads, height, width, dim),
+        v=rand(batch, heads, height, width, dim),
+        k_pool=rand(batch, heads, pool, dim),
+        v_pool=rand(batch, heads, pool, dim),
+        query_embedding=rand(heads, dim, scale=0.3),
+        logit_scale=rand(heads).abs() + 1.0,
+        rpb=rand(heads, window * window),
+        pool_bias=rand(heads, n, pool),
+        learnable_tokens=rand(heads, dim, window * window, scale=0.3),
+        learnable_bias=rand(heads, window * window, scale=0.3),
+    )
+
+
+def _grads(fn, inputs):
+    inputs = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
+    out = fn(**inputs)
+    out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape))
+    return out.detach(), {name: t.grad for name, t in inputs.items()}
+
+
+@pytest.mark.parametrize("window,size", [(3, (5, 7)), (5, (4, 6)), (3, (1, 3))])
+def test_reference_equals_dense_oracle(window, size):
+    inputs = make_inputs(height=size[0], width=size[1], window=window)
+    out, grads = _grads(lambda **t: aggregated_attention(**t, window_size=window, backend="reference"), inputs)
+    expected, expected_grads = _grads(lambda **t: dense_oracle(*t.values(), window), inputs)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_official_unfold_formulation_matches_reference():
+    inputs = make_inputs(height=6, width=5, pool=4)
+    out, grads = _grads(lambda **t: aggregated_attention_unfold(**t, window_size=3), inputs)
+    expected, expected_grads = _grads(lambda **t: aggregated_attention(**t, window_size=3, backend="reference"), inputs)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_flex_backend_matches_reference():
+    inputs = make_inputs(height=6, width=5, pool=4)
+    with torch.no_grad():
+        expected = aggregated_attention(**inputs, window_size=3, backend="reference")
+        out = aggregated_attention(**inputs, window_size=3, backend="flex")
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_is_forward_only_on_cpu_and_not_automatic():
+    inputs = make_inputs()
+    inputs["q"].requires_grad_()
+    op = get_op("aggregated_attention")
+    assert not op.supports("flex", *inputs.values(), 3)
+    assert op.choose(*inputs.values(), 3) == "reference"
+
+
+def test_reference_memory_is_linear_in_tokens():
+    # 64x64 tokens: no tensor saved for the backward comes near an (HW x HW) matrix
+    inputs = make_inputs(batch=1, heads=1, height=64, width=64, dim=8, pool=16)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    inputs = {name: t.requires_grad_() for name, t in inputs.items()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        aggregated_attention(**inputs, window_size=3, backend="reference").sum()
+    assert max(saved) < (64 * 64) ** 2 * 4 / 8
+
+
+def test_length_scale_is_rounded_float32_log():
+    # The official buffer is numpy's float32 log, which is within one float32 ulp of the rounded
+    # exact log (which one depends on numpy's SIMD path); ours is the rounded exact log.
+    np = pytest.importorskip("numpy")
+    counts = np.array([4, 6, 9], dtype=np.float32)
+    for pool in (1, 49, 196, 3136):
+        ours = length_scale(3, 3, 3, pool)[[0, 0, 1], [0, 1, 1]]
+        exact = torch.from_numpy(np.log(counts.astype(np.float64) + pool).astype(np.float32))
+        torch.testing.assert_close(ours, exact, rtol=0, atol=0)
+        torch.testing.assert_close(ours, torch.from_numpy(np.log(counts + pool)), rtol=1.2e-7, atol=0)
+
+
+def test_pooled_coords_match_pairwise_definition():
+    size, pool, pretrain = (9, 6), (3, 2), (14, 14)
+    table, rows, cols = pooled_position_coords(size, pool, pretrain)
+    qy, qx = torch.meshgrid(torch.arange(9.0), torch.arange(6.0), indexing="ij")
+    ky = F.adaptive_avg_pool1d(torch.arange(9.0)[None], 3)[0]
+    kx = F.adaptive_avg_pool1d(torch.arange(6.0)[None], 2)[0]
+    ky, kx = torch.meshgrid(ky, kx, indexing="ij")
+    rel = torch.stack(
+        [
+            (qy.reshape(-1, 1) - ky.reshape(1, -1)) / 13 * 8,
+            (qx.reshape(-1, 1) - kx.reshape(1, -1)) / 13 * 8,
+        ],
+        -1,
+    )
+    expected = torch.sign(rel) * torch.log2(rel.abs() + 1) / 3
+    got = table[rows, cols].reshape(54, 6, 2)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_aggregated_mixer_any_size_and_minimum():
+    mixer = create_mixer("aggregated", 16, num_heads=2, sr_ratio=4, pretrain_size=8)
+    for size in [(4, 4), (9, 13), (16, 5)]:
+        out = mixer(torch.randn(2, *size, 16))
+        assert out.shape == (2, *size, 16) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="at least 4x4"):
+        mixer(torch.randn(1, 3, 8, 16))
+
+
+def test_aggregated_mixer_backward_and_export_shapes():
+    mixer = create_mixer("aggregated", 16, num_heads=2, sr_ratio=2, window_size=5)
+    x = torch.randn(1, 6, 7, 16, requires_grad=True)
+    mixer(x).square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mixer.parameters())
+
+
+def test_cosine_global_mixer_equals_explicit_formula():
+    mixer = create_mixer("cosine_global", 16, num_heads=2, pretrain_size=7).double()
+    x = torch.randn(2, 3, 5, 16, dtype=torch.float64)
+    q, k, v = mixer.qkv(x).reshape(2, 15, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    bias = mixer.position_bias((3, 5), (3, 5))
+    logits = (F.normalize(q, dim=-1) + mixer.query_embedding) * F.softplus(mixer.temperature) * math.log(15)
+    logits = logits @ F.normalize(k, dim=-1).transpose(-2, -1) + bias
+    expected = mixer.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(2, 3, 5, 16))
+    torch.testing.assert_close(mixer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_aggregated_mixer_exports_to_onnx(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    mixer = create_mixer("aggregated", 16, num_heads=2, sr_ratio=2, pretrain_size=8).eval()
+    x = torch.randn(1, 8, 10, 16)
+    path = tmp_path / "aggregated.onnx"
+    torch.onnx.export(mixer, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"])
+    out = ort.InferenceSession(str(path)).run(None, {"x": x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(out), mixer(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_bench_times_backends_beside_the_official_formulation(monkeypatch):
+    from visionzoo import bench
+
+    monkeypatch.setitem(bench.OP_CASES, "aggregated_attention", [bench._aggregated_case(1, 1, 8, 4, 4)])
+    rows = bench.bench_op("aggregated_attention", min_run_time=0.01)
+    timed = {(r.mode, r.backend) for r in rows}
+    assert timed == {
+        ("forward", "reference"),
+        ("forward", "flex"),
+        ("forward", "unfold (official)"),
+        ("forward+backward", "reference"),
+        ("forward+backward", "unfold (official)"),
+    }

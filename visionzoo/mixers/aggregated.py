@@ -1,0 +1,207 @@
+"""TransNeXt's token mixers: aggregated attention and its full-attention counterpart.
+
+Shi, "TransNeXt: Robust Foveal Visual Perception for Vision Transformers" (CVPR 2024);
+reference code DaiShiResearch/TransNeXt (``classification/transnext.py``,
+``attention_native.py``). Parameter names follow the official modules, so checkpoints map
+by renaming the module prefix only.
+
+Unlike the official classes, which fix the pool size, the padding mask, the length scale
+and the CPB coordinates from the input size given at construction, these mixers derive all
+of them from the actual map (cached per size): at the construction size the numbers are
+the official ones, and any other size works too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import nn
+
+from visionzoo.kernels import aggregated_attention, dense_attention, pooled_position_coords
+
+from .registry import TokenMixer, register_mixer, resolve_num_heads
+
+__all__ = ["AggregatedAttention", "CosineGlobalAttention"]
+
+_CPB_HIDDEN = 512
+_INITIAL_TEMPERATURE = 1 / 0.24
+
+
+def _pair(value: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    return (value, value) if isinstance(value, int) else (tuple(value) if value is not None else None)
+
+
+class _LengthScaledCosineAttention(TokenMixer):
+    """What both TransNeXt mixers share: temperature, query embedding, the CPB MLP and ``proj``.
+
+    Args:
+        dim: channels.
+        num_heads: attention heads; ``dim // head_dim`` when None.
+        pretrain_size: map size (H, W) at pre-training, which scales the CPB coordinates
+            (TransNeXt at 224x224: 56, 28, 14, 7 by stage); None uses the actual map size.
+        head_dim: channels per head when ``num_heads`` is None.
+        backend: kernel backend.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int | None,
+        pretrain_size: int | tuple[int, int] | None,
+        head_dim: int,
+        backend: str,
+    ):
+        super().__init__(dim, backend)
+        self.num_heads = resolve_num_heads(dim, num_heads, head_dim)
+        self.head_dim = dim // self.num_heads
+        self.pretrain_size = _pair(pretrain_size)
+        if self.pretrain_size is not None and min(self.pretrain_size) < 2:
+            raise ValueError(f"pretrain_size must be at least 2x2, got {pretrain_size}")
+        # softplus(temperature) starts at 1 / 0.24
+        self.temperature = nn.Parameter(torch.full((self.num_heads, 1, 1), math.log(math.expm1(_INITIAL_TEMPERATURE))))
+        self.query_embedding = nn.Parameter(torch.zeros(self.num_heads, 1, self.head_dim))
+        trunc_normal_(self.query_embedding, std=0.02)
+        self.cpb_fc1 = nn.Linear(2, _CPB_HIDDEN)
+        self.cpb_act = nn.ReLU()
+        self.cpb_fc2 = nn.Linear(_CPB_HIDDEN, self.num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def no_weight_decay(self) -> set[str]:
+        skip = {"temperature", "query_embedding"}
+        return skip | {f"{fc}.{p}" for fc in ("cpb_fc1", "cpb_fc2") for p in ("weight", "bias")}
+
+    def position_bias(self, size: tuple[int, int], pool_size: tuple[int, int]) -> torch.Tensor:
+        """Continuous position bias of every (query, pooled key) pair: ``(heads, H*W, ph*pw)``."""
+        pretrain = self.pretrain_size or (max(size[0], 2), max(size[1], 2))
+        table, rows, cols = pooled_position_coords(size, pool_size, pretrain, self.cpb_fc1.weight.device)
+        table = self.cpb_fc2(self.cpb_act(self.cpb_fc1(table.to(self.cpb_fc1.weight.dtype))))
+        bias = table.permute(2, 0, 1)[:, rows, cols]  # (heads, H, W, ph, pw)
+        return bias.reshape(self.num_heads, size[0] * size[1], pool_size[0] * pool_size[1])
+
+    def logit_scale(self) -> torch.Tensor:
+        return F.softplus(self.temperature).reshape(self.num_heads)
+
+    def merge_heads(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """``(B, heads, H, W, head_dim)`` or ``(B, heads, H*W, head_dim)`` to ``(B, H, W, C)``, then ``proj``."""
+        batch = x.shape[0]
+        x = x.reshape(batch, self.num_heads, *size, self.head_dim).permute(0, 2, 3, 1, 4)
+        return self.proj(x.reshape(batch, *size, self.dim))
+
+
+@register_mixer("aggregated")
+class AggregatedAttention(_LengthScaledCosineAttention):
+    """Aggregated attention: a ``window_size`` sliding window plus ``(H // sr) x (W // sr)`` pooled tokens.
+
+    The pooled tokens are ``LayerNorm(AdaptiveAvgPool(GELU(sr(x))))`` with ``sr`` a 1x1
+    convolution, projected by the same ``kv`` as the window keys. Maps need at least
+    ``sr_ratio`` rows and columns (one pooled token).
+
+    Args:
+        dim: channels.
+        num_heads: attention heads; ``dim // head_dim`` when None.
+        window_size: odd side of the sliding window.
+        sr_ratio: pooling ratio: the pooled map is ``(H // sr_ratio, W // sr_ratio)``.
+        pretrain_size: map size at pre-training for the CPB coordinates; None: the actual size.
+        head_dim: channels per head when ``num_heads`` is None.
+        qkv_bias: bias on the ``q`` and ``kv`` projections.
+        backend: kernel backend (``auto``, ``reference``, ``flex``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int | None = None,
+        window_size: int = 3,
+        sr_ratio: int = 8,
+        pretrain_size: int | tuple[int, int] | None = None,
+        head_dim: int = 32,
+        qkv_bias: bool = True,
+        backend: str = "auto",
+    ):
+        super().__init__(dim, num_heads, pretrain_size, head_dim, backend)
+        if window_size < 1 or window_size % 2 == 0 or sr_ratio < 1:
+            raise ValueError(f"window_size must be odd and sr_ratio positive, got {window_size} and {sr_ratio}")
+        self.window_size, self.sr_ratio = window_size, sr_ratio
+        self.min_size = (sr_ratio, sr_ratio)
+        local_len = window_size**2
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.sr = nn.Conv2d(dim, dim, kernel_size=1)
+        self.norm = nn.LayerNorm(dim)
+        self.act = nn.GELU()
+        self.relative_pos_bias_local = nn.Parameter(torch.zeros(self.num_heads, local_len))
+        trunc_normal_(self.relative_pos_bias_local, std=0.0004)
+        self.learnable_tokens = nn.Parameter(torch.zeros(self.num_heads, self.head_dim, local_len))
+        trunc_normal_(self.learnable_tokens, std=0.02)
+        self.learnable_bias = nn.Parameter(torch.zeros(self.num_heads, 1, local_len))
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"relative_pos_bias_local"}
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, _ = x.shape
+        pool_size = (height // self.sr_ratio, width // self.sr_ratio)
+        heads, head_dim = self.num_heads, self.head_dim
+        q = self.q(x).reshape(batch, height, width, heads, head_dim).permute(0, 3, 1, 2, 4)
+        k, v = self.kv(x).reshape(batch, height, width, 2, heads, head_dim).permute(3, 0, 4, 1, 2, 5).unbind(0)
+        pooled = F.adaptive_avg_pool2d(self.act(self.sr(x.permute(0, 3, 1, 2))), pool_size)
+        pooled = self.kv(self.norm(pooled.flatten(2).transpose(1, 2)))
+        k_pool, v_pool = pooled.reshape(batch, -1, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = aggregated_attention(
+            q,
+            k,
+            v,
+            k_pool,
+            v_pool,
+            self.query_embedding.reshape(heads, head_dim),
+            self.logit_scale(),
+            self.relative_pos_bias_local,
+            self.position_bias((height, width), pool_size),
+            self.learnable_tokens,
+            self.learnable_bias.reshape(heads, -1),
+            self.window_size,
+            backend=self.kernel_backend,
+        )
+        return self.merge_heads(out, (height, width))
+
+
+@register_mixer("cosine_global")
+class CosineGlobalAttention(_LengthScaledCosineAttention):
+    """TransNeXt's full attention (its last stage): length-scaled cosine attention over all tokens.
+
+    Logits ``(normalize(q) + query_embedding) * softplus(temperature) * log(H*W)`` against
+    normalised keys, plus the continuous position bias of every token pair.
+
+    Args:
+        dim: channels.
+        num_heads: attention heads; ``dim // head_dim`` when None.
+        pretrain_size: map size at pre-training for the CPB coordinates; None: the actual size.
+        head_dim: channels per head when ``num_heads`` is None.
+        qkv_bias: bias on the ``qkv`` projection.
+        backend: kernel backend of the dense attention (``auto``, ``reference``, ``sdpa``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int | None = None,
+        pretrain_size: int | tuple[int, int] | None = None,
+        head_dim: int = 32,
+        qkv_bias: bool = True,
+        backend: str = "auto",
+    ):
+        super().__init__(dim, num_heads, pretrain_size, head_dim, backend)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, _ = x.shape
+        tokens = height * width
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q = (F.normalize(q, dim=-1) + self.query_embedding) * self.logit_scale().reshape(-1, 1, 1) * math.log(tokens)
+        bias = self.position_bias((height, width), (height, width)).to(q.dtype)
+        out = dense_attention(q, F.normalize(k, dim=-1), v, bias, scale=1.0, backend=self.kernel_backend)
+        return self.merge_heads(out, (height, width))
