@@ -28,11 +28,24 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return x.reshape(batch, heads, height // block, width // block, block * block, dim)
 
 
+def _window_index(blocks: int, block: int, window: int, device: torch.device) -> torch.Tensor:
+    """Rows (or columns) of the padded map that each block's window covers, flattened: ``(blocks * window,)``."""
+    starts = torch.arange(blocks, device=device) * block
+    return (starts[:, None] + torch.arange(window, device=device)).flatten()
+
+
 def _windows(x: torch.Tensor, block: int, halo: int) -> torch.Tensor:
-    """Each block's haloed window: ``(B, h, nH, nW, window * window, d)``, zero beyond the map."""
-    window = block + 2 * halo
-    x = F.pad(x, (0, 0, halo, halo, halo, halo)).unfold(2, window, block).unfold(3, window, block)
-    return x.permute(0, 1, 2, 3, 5, 6, 4).flatten(4, 5)  # (B, h, nH, nW, window, window, d) -> flat
+    """Each block's haloed window: ``(B, h, nH, nW, window * window, d)``, zero beyond the map.
+
+    Gathered with index_select (not ``Tensor.unfold``, which ONNX exports only for static sizes).
+    """
+    batch, heads, height, width, dim = x.shape
+    window, rows, cols = block + 2 * halo, height // block, width // block
+    x = F.pad(x, (0, 0, halo, halo, halo, halo))
+    x = x.index_select(2, _window_index(rows, block, window, x.device))
+    x = x.index_select(3, _window_index(cols, block, window, x.device))
+    x = x.reshape(batch, heads, rows, window, cols, window, dim).transpose(3, 4)
+    return x.reshape(batch, heads, rows, cols, window * window, dim)
 
 
 def _relative_logits(q_blocks: torch.Tensor, table: torch.Tensor, block: int, window: int) -> torch.Tensor:
@@ -42,8 +55,9 @@ def _relative_logits(q_blocks: torch.Tensor, table: torch.Tensor, block: int, wi
     """
     logits = q_blocks @ table.transpose(0, 1)  # (..., block, block, 2 * window - 1)
     keys, queries = torch.arange(window, device=table.device), torch.arange(block, device=table.device)
-    index = (keys[None, :] - queries[:, None] + window - 1).expand(block, block, window)  # [_, query, key]
-    return logits.gather(-1, index.expand(*logits.shape[:-1], window))
+    offsets = keys[None, :] - queries[:, None] + window - 1  # [query, key]
+    # advanced indexing, not gather with an expanded index: ONNX keeps the leading dims dynamic
+    return logits[..., queries[:, None], offsets]
 
 
 def halo_attention_reference(q, k, v, block_size, halo_size, rel_height=None, rel_width=None, scale=None):

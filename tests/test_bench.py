@@ -74,3 +74,21 @@ def test_bench_mixer_times_ours_against_timm(monkeypatch):
         assert rows[0].speedup == 1.0 and all(r.median_ms > 0 for r in rows)
     with pytest.raises(ValueError, match="no timm comparison for mixer 'global'"):
         bench.bench_mixer("global")
+
+
+def test_bench_model_against_a_timm_model(tmp_path, capsys):
+    args = ["bench", "ela_resnet18", "--compare", "resnet18", "--img-size", "32", "48", "--batch", "2"]
+    assert main([*args, "--min-run-time", "0.01", "--csv", str(tmp_path / "models.csv")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    ours, baseline = (line.split(" | ") for line in lines[2:])
+    assert ours[0] == "| ela_resnet18" and baseline[0] == "| resnet18" and ours[2] == "32x48"
+    assert all(cell.endswith("(1.00x)") for cell in baseline[6:9])  # the baseline against itself
+    assert all(cell.endswith("x)") for cell in ours[6:9])
+    rows = (tmp_path / "models.csv").read_text().splitlines()
+    assert rows[0].startswith("model,device,input_size,batch,params,gmacs") and len(rows) == 3
+
+
+def test_bench_model_figures_are_consistent():
+    timing = bench.bench_model("resnet18", input_size=(32, 32), batch=2, train=False, min_run_time=0.01)
+    assert timing.params == 11_689_512 and timing.train_img_s is None
+    assert timing.latency_ms > 0 and timing.infer_img_s > 0 and 0.03 < timing.gmacs < 0.04  # 1.82 GMACs * (32/224)^2

@@ -26,24 +26,30 @@ from torch import nn
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
-from visionzoo.kernels import get_op, use_backend
+from visionzoo.kernels import aggregated_attention_unfold, bilevel_routing_attention_gather, get_op, use_backend
 from visionzoo.kernels.dispatch import REFERENCE, KernelOp
-from visionzoo.mixers import create_mixer
+from visionzoo.mixers import EcaGate, ElaGate, create_mixer, get_mixer_class, list_mixers
 
 __all__ = [
     "MARKDOWN_HEADER",
     "MIXER_CASES",
+    "OP_ALTERNATIVES",
     "OP_CASES",
     "ModelStats",
+    "ModelTiming",
     "OpTiming",
     "bench_mixer",
+    "bench_model",
     "bench_op",
     "format_markdown",
     "format_model_markdown",
+    "format_model_timings",
     "markdown_row",
+    "model_peak_memory_mib",
     "model_stats",
     "peak_memory_mib",
     "write_csv",
+    "write_model_csv",
 ]
 
 
@@ -74,6 +80,33 @@ def _neighborhood_case(batch: int, heads: int, size: int, head_dim: int, kernel_
     return OpCase(label, batch, make)
 
 
+def _routing_case(batch: int, size: int, dim: int, heads: int, n_win: int, topk: int) -> OpCase:
+    padded = -(-size // n_win) * n_win
+
+    def make(device, dtype, batch):
+        shape = (batch, heads, padded, padded, dim // heads)
+        q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
+        return q, k, v, n_win, topk, dim**-0.5
+
+    return OpCase(f"{size}x{size} (padded {padded}) C={dim} heads={heads} n_win={n_win} topk={topk}", batch, make)
+
+
+def _aggregated_case(batch: int, heads: int, size: int, head_dim: int, sr_ratio: int, window: int = 3) -> OpCase:
+    pool_len, local_len = (size // sr_ratio) ** 2, window**2
+
+    def make(device, dtype, batch):
+        def rand(*shape):
+            return torch.randn(*shape, device=device, dtype=dtype)
+
+        q, k, v = (rand(batch, heads, size, size, head_dim) for _ in range(3))
+        k_pool, v_pool = rand(batch, heads, pool_len, head_dim), rand(batch, heads, pool_len, head_dim)
+        embedding, scale, rpb = rand(heads, head_dim), rand(heads).abs() + 1, rand(heads, local_len)
+        pool_bias, tokens = rand(heads, size * size, pool_len), rand(heads, head_dim, local_len)
+        return q, k, v, k_pool, v_pool, embedding, scale, rpb, pool_bias, tokens, rand(heads, local_len), window
+
+    return OpCase(f"{size}x{size} heads={heads} d={head_dim} window={window} pool={size // sr_ratio}", batch, make)
+
+
 OP_CASES: dict[str, list[OpCase]] = {
     # mixvit_tiny at 224x224 with the global mixer: stage 1 and stage 3
     "dense_attention": [_dense_case(8, 2, 3136, 32), _dense_case(8, 8, 196, 32)],
@@ -84,6 +117,21 @@ OP_CASES: dict[str, list[OpCase]] = {
         _neighborhood_case(8, 4, 112, 32, 7, rpb=False),
         _neighborhood_case(8, 4, 112, 32, 7, rpb=True),
     ],
+    # transnext_micro's first stage (sr 8) at 224x224 and 640x640 input
+    "aggregated_attention": [_aggregated_case(4, 2, 56, 24, 8), _aggregated_case(1, 2, 160, 24, 8)],
+    # biformer_tiny's first stage (64 channels, 7x7 regions, top-1) at 224, 512 and 1024 input
+    "bilevel_routing_attention": [
+        _routing_case(8, 56, 64, 2, 7, 1),
+        _routing_case(2, 128, 64, 2, 7, 1),
+        _routing_case(1, 256, 64, 2, 7, 1),
+    ],
+}
+
+# Formulations timed beside an op's backends on the same cases, but never dispatched to:
+# the official gather-based routing attention and unfold-based aggregated attention, for comparison.
+OP_ALTERNATIVES: dict[str, dict[str, Callable]] = {
+    "bilevel_routing_attention": {"gather (official)": bilevel_routing_attention_gather},
+    "aggregated_attention": {"unfold (official)": aggregated_attention_unfold},
 }
 
 
@@ -108,14 +156,16 @@ def _grad_args(args: tuple) -> tuple:
     )
 
 
-def _runner(op: KernelOp, args: tuple, backend: str, backward: bool) -> Callable[[], None]:
+def _runner(op: KernelOp | Callable, args: tuple, backend: str | None, backward: bool) -> Callable[[], None]:
+    """``op(*args, backend=backend)``, or ``op(*args)`` for an alternative formulation (``backend`` None)."""
+    kwargs = {} if backend is None else {"backend": backend}
     if backward:
         grad_args = _grad_args(args)
-        return lambda: op(*grad_args, backend=backend).sum().backward()
+        return lambda: op(*grad_args, **kwargs).sum().backward()
 
     def forward():
         with torch.no_grad():
-            op(*args, backend=backend)
+            op(*args, **kwargs)
 
     return forward
 
@@ -187,12 +237,16 @@ def bench_op(
         case_batch = batch or case.batch
         args = case.make_args(dev, dtype, case_batch)
         backends = [REFERENCE, *(b for b in op.backends if b != REFERENCE and op.supports(b, *args))]
+        alternatives = OP_ALTERNATIVES.get(name, {})
         for mode in ("forward", "forward+backward") if backward else ("forward",):
             reference = float("nan")
-            for backend in backends:
-                fn = _runner(op, args, backend, backward=mode != "forward")
-                if mode != "forward" and not op.supports(backend, *_grad_args(args)):
-                    continue  # forward-only backend on this device
+            for backend in [*backends, *alternatives]:
+                if backend in alternatives:
+                    fn = _runner(alternatives[backend], args, None, backward=mode != "forward")
+                else:
+                    fn = _runner(op, args, backend, backward=mode != "forward")
+                    if mode != "forward" and not op.supports(backend, *_grad_args(args)):
+                        continue  # forward-only backend on this device
                 median, iqr, peak = _time(fn, dev, min_run_time)
                 reference = median if backend == REFERENCE else reference
                 row = OpTiming(name, case.label, case_batch, str(dev), str(dtype).removeprefix("torch."), mode,
@@ -334,6 +388,21 @@ class ModelStats:
     gmacs: float
     input_size: tuple[int, int]
     min_input_size: tuple[int, int]
+    mixers: str = "-"
+
+
+def stage_mixers(model: nn.Module) -> str:
+    """Registered names of the token mixers of each stage (``a / b / c / d``; one name when all agree)."""
+    names = {get_mixer_class(n): n for n in list_mixers()}
+    stages = [
+        ",".join(dict.fromkeys(names.get(type(b.mixer), type(b.mixer).__name__) for b in stage.blocks))
+        for stage in getattr(model, "stages", ())
+        if hasattr(stage, "blocks") and all(hasattr(b, "mixer") for b in stage.blocks)
+    ]
+    if not stages:  # a CNN: name the gates its blocks carry (ELA-ResNet)
+        gates = sorted({type(m).__name__ for m in model.modules() if isinstance(m, EcaGate | ElaGate)})
+        return f"{', '.join(gates)} in every block" if gates else "-"
+    return stages[0] if len(set(stages)) == 1 else " / ".join(stages)
 
 
 def model_stats(name: str, input_size: tuple[int, int] | None = None) -> ModelStats:
@@ -343,14 +412,130 @@ def model_stats(name: str, input_size: tuple[int, int] | None = None) -> ModelSt
     with torch.no_grad(), use_backend(REFERENCE), FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, 3, *size))
     params = sum(p.numel() for p in model.parameters())
-    return ModelStats(name, params, counter.get_total_flops() / 2e9, tuple(size), tuple(model.min_input_size))
+    gmacs = counter.get_total_flops() / 2e9
+    return ModelStats(name, params, gmacs, tuple(size), tuple(model.min_input_size), stage_mixers(model))
+
+
+def model_peak_memory_mib(
+    name: str, input_size: tuple[int, int], batch: int = 1, backward: bool = False, device: str = "cpu"
+) -> float | None:
+    """Peak memory (see :func:`peak_memory_mib`) of one inference, or one training forward+backward,
+    of model ``name`` on ``batch`` images of ``input_size``, after a warm-up call."""
+    dev = torch.device(device)
+    model = timm.create_model(name).to(dev)
+    x = torch.randn(batch, 3, *input_size, device=dev)
+
+    def run():
+        if backward:
+            model.train()
+            model(x).logsumexp(-1).sum().backward()
+        else:
+            model.eval()
+            with torch.no_grad():
+                model(x)
+
+    run()
+    return peak_memory_mib(run, dev)
 
 
 def format_model_markdown(rows: list[ModelStats]) -> str:
-    lines = ["| model | params | GMACs | at | min input |", "| --- | ---: | ---: | --- | --- |"]
+    lines = ["| model | params | GMACs | at | min input | mixers by stage |", "| --- | ---: | ---: | --- | --- | --- |"]
     lines += [
         f"| {r.model} | {r.params:,} | {r.gmacs:.2f} | {r.input_size[0]}x{r.input_size[1]} "
-        f"| {r.min_input_size[0]}x{r.min_input_size[1]} |"
+        f"| {r.min_input_size[0]}x{r.min_input_size[1]} | {r.mixers} |"
         for r in rows
     ]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ModelTiming:
+    """Inference and training figures of one model; ``ratios`` are against the baseline model of the run."""
+
+    model: str
+    device: str
+    input_size: tuple[int, int]
+    batch: int
+    params: int
+    gmacs: float
+    latency_ms: float  # batch 1, median
+    latency_iqr_ms: float
+    infer_img_s: float  # at ``batch``
+    train_img_s: float | None  # one forward+backward at ``batch``
+    infer_peak_mib: float | None
+    train_peak_mib: float | None
+
+
+def bench_model(
+    name: str,
+    device: str = "cpu",
+    input_size: tuple[int, int] | None = None,
+    batch: int = 32,
+    train: bool = True,
+    min_run_time: float = 1.0,
+) -> ModelTiming:
+    """Latency at batch 1, inference and training throughput at ``batch``, peak memory, params and GMACs.
+
+    Any timm model works (ours run their default kernel backends; GMACs use the reference ones).
+    """
+    dev = torch.device(device)
+    model = timm.create_model(name).to(dev).eval()
+    size = tuple(input_size or model.pretrained_cfg["input_size"][1:])
+    with torch.no_grad(), use_backend(REFERENCE), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, *size, device=dev))
+    one, many = (torch.randn(n, 3, *size, device=dev) for n in (1, batch))
+
+    def infer(x):
+        def run():
+            with torch.no_grad():
+                model(x)
+
+        return run
+
+    latency, latency_iqr, _ = _time(infer(one), dev, min_run_time)
+    infer_ms, _, infer_peak = _time(infer(many), dev, min_run_time)
+    train_img_s = train_peak = None
+    if train:
+        model.train()
+        train_ms, _, train_peak = _time(lambda: model(many).logsumexp(-1).sum().backward(), dev, min_run_time)
+        train_img_s = batch / train_ms * 1e3
+    return ModelTiming(
+        name, str(dev), size, batch, sum(p.numel() for p in model.parameters()), counter.get_total_flops() / 2e9,
+        latency, latency_iqr, batch / infer_ms * 1e3, train_img_s, infer_peak, train_peak,
+    )  # fmt: skip
+
+
+def format_model_timings(rows: list[ModelTiming], baseline: str | None = None) -> str:
+    """Markdown table; with ``baseline`` (a model in ``rows``) each figure carries its ratio to it: speed
+    ratios above 1 are faster than the baseline, memory ratios are this model's memory over the baseline's."""
+    base = next((r for r in rows if r.model == baseline), None)
+
+    def cell(value: float | None, reference: float | None, fmt: str, faster_when_lower: bool = False) -> str:
+        if value is None:
+            return "-"
+        text = format(value, fmt)
+        if base is None or reference in (None, 0) or value == 0:
+            return text
+        ratio = reference / value if faster_when_lower else value / reference
+        return f"{text} ({ratio:.2f}x)"
+
+    lines = [
+        "| model | device | input | batch | params | GMACs | latency bs1 ms | infer img/s | train img/s "
+        "| infer peak MiB | train peak MiB |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        b = base or r
+        lines.append(
+            f"| {r.model} | {r.device} | {r.input_size[0]}x{r.input_size[1]} | {r.batch} | {r.params / 1e6:.2f}M "
+            f"| {r.gmacs:.2f} | {cell(r.latency_ms, b.latency_ms, '.1f', faster_when_lower=True)} "
+            f"| {cell(r.infer_img_s, b.infer_img_s, '.1f')} | {cell(r.train_img_s, b.train_img_s, '.1f')} "
+            f"| {cell(r.infer_peak_mib, b.infer_peak_mib, '.0f')} | {cell(r.train_peak_mib, b.train_peak_mib, '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def write_model_csv(rows: list[ModelTiming], stream: TextIO) -> None:
+    writer = csv.DictWriter(stream, fieldnames=[f.name for f in dataclasses.fields(ModelTiming)])
+    writer.writeheader()
+    writer.writerows(dataclasses.asdict(r) for r in rows)

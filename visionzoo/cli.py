@@ -24,8 +24,25 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_models(args: argparse.Namespace) -> int:
+    from visionzoo.bench import bench_model, format_model_timings, write_model_csv
+
+    names = [*args.models, *(args.compare or [])]
+    size = tuple(args.img_size) if args.img_size else None
+    batch = args.batch or 32
+    rows = [bench_model(n, args.device, size, batch, not args.forward_only, args.min_run_time) for n in names]
+    print(format_model_timings(rows, baseline=args.compare[0] if args.compare else None))
+    if args.csv:
+        with open(args.csv, "w", newline="") as stream:
+            write_model_csv(rows, stream)
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     import torch
+
+    if args.models:
+        return _bench_models(args)
 
     from visionzoo.bench import MARKDOWN_HEADER, OP_CASES, bench_mixer, bench_op, markdown_row, write_csv
 
@@ -62,6 +79,27 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from visionzoo.export import check_onnx, export_onnx, load_model
+
+    try:
+        model = load_model(args.model, args.checkpoint)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    size = tuple(args.img_size or model.pretrained_cfg["input_size"][1:])
+    path = export_onnx(model, args.output or f"{args.model}.onnx", size, dynamic=args.dynamic)
+    print(f"wrote {path} ({'dynamic batch and HxW' if args.dynamic else f'static {size[0]}x{size[1]}'})")
+    if args.no_check:
+        return 0
+    sizes = [size] + ([tuple(args.check_size)] if args.dynamic and args.check_size else [])
+    results = check_onnx(model, path, sizes, tolerance=args.tolerance)
+    for result in results:
+        verdict = "ok" if result.ok else "MISMATCH"
+        print(f"onnxruntime vs torch at {result.input_shape}: max abs diff {result.max_abs_diff:.3g} ({verdict})")
+    return 0 if all(r.ok for r in results) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionzoo", description="visionzoo: vision backbones for timm.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -69,13 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("what", choices=LISTABLE)
     listing.set_defaults(run=_list)
 
-    bench = commands.add_parser("bench", help="time kernel backends, or our mixers against timm's layers")
+    bench = commands.add_parser(
+        "bench", help="time models (against --compare), kernel backends, or our mixers against timm's layers"
+    )
+    bench.add_argument("models", nargs="*", help="models to time: latency, throughput, memory, params, GMACs")
+    bench.add_argument("--compare", action="append", help="timm model timed alongside; ratios are against the first")
+    bench.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="model input (default: model's)")
     bench.add_argument("--op", action="append", help="kernel op to time (repeatable; default: all with cases)")
     bench.add_argument("--mixer", action="append", help="mixer to time against timm's layer (repeatable)")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    bench.add_argument("--forward-only", action="store_true", help="skip the forward+backward timings")
-    bench.add_argument("--batch", type=int, help="override every case's batch size")
+    bench.add_argument("--forward-only", action="store_true", help="skip the forward+backward (training) timings")
+    bench.add_argument("--batch", type=int, help="override every case's batch size (models: default 32)")
     bench.add_argument("--case", action="append", help="only cases whose label contains this (repeatable)")
     bench.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timed runs per figure")
     bench.add_argument("--csv", help="also write the rows to this CSV file")
@@ -85,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("patterns", nargs="*", default=["*"], help="model name patterns (default: all)")
     stats.add_argument("--img-size", type=int, help="square input size (default: each model's input_size)")
     stats.set_defaults(run=_stats)
+
+    export = commands.add_parser("export", help="export a model to ONNX and check it in onnxruntime")
+    export.add_argument("model", help="registered model name")
+    export.add_argument("--checkpoint", help="weights: .safetensors, or a torch/Lightning checkpoint")
+    export.add_argument("-o", "--output", help="ONNX file (default: MODEL.onnx)")
+    export.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="export size (default: model's)")
+    export.add_argument("--dynamic", action="store_true", help="free batch, height and width in the graph")
+    export.add_argument("--check-size", type=int, nargs=2, default=(320, 256), metavar=("H", "W"),
+                        help="second size checked in onnxruntime with --dynamic (default: 320 256)")  # fmt: skip
+    export.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference allowed (default: 1e-4)")
+    export.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
+    export.set_defaults(run=_export)
     return parser
 
 

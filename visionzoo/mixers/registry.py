@@ -102,8 +102,7 @@ class MultiHeadMixer(TokenMixer):
 
     def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, heads, H, W, head_dim)`` back to channels-last ``(B, H, W, C)`` (before ``proj``)."""
-        batch, _, height, width, _ = x.shape
-        return x.permute(0, 2, 3, 1, 4).reshape(batch, height, width, self.dim)
+        return x.permute(0, 2, 3, 1, 4).flatten(3)  # no sizes from x.shape: ONNX keeps H and W dynamic
 
 
 def register_mixer(name: str) -> Callable[[type[TokenMixer]], type[TokenMixer]]:
