@@ -80,7 +80,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from visionzoo.export import check_onnx, export_onnx, load_model
+    from visionzoo.export import check_onnx, export_onnx, fixed_size_reasons, load_model
 
     try:
         model = load_model(args.model, args.checkpoint)
@@ -89,10 +89,16 @@ def _export(args: argparse.Namespace) -> int:
         return 2
     size = tuple(args.img_size or model.pretrained_cfg["input_size"][1:])
     path = export_onnx(model, args.output or f"{args.model}.onnx", size, dynamic=args.dynamic)
-    print(f"wrote {path} ({'dynamic batch and HxW' if args.dynamic else f'static {size[0]}x{size[1]}'})")
+    fixed = fixed_size_reasons(model)
+    if not args.dynamic:
+        print(f"wrote {path} (static {size[0]}x{size[1]}, batch 2)")
+    elif fixed:
+        print(f"wrote {path} (dynamic batch, fixed {size[0]}x{size[1]}: {', '.join(fixed)} sizes its tables in Python)")
+    else:
+        print(f"wrote {path} (dynamic batch and HxW)")
     if args.no_check:
         return 0
-    sizes = [size] + ([tuple(args.check_size)] if args.dynamic and args.check_size else [])
+    sizes = [size] + ([tuple(args.check_size)] if args.dynamic and not fixed and args.check_size else [])
     results = check_onnx(model, path, sizes, tolerance=args.tolerance)
     for result in results:
         verdict = "ok" if result.ok else "MISMATCH"

@@ -3,6 +3,7 @@
 The legacy TorchScript-based exporter (``dynamo=False``) is used: it records the shape
 arithmetic of the padding and window partitions, so one graph serves every batch size and
 H x W (DESIGN.md's platform facts: the dynamo exporter did not finish with dynamic H x W).
+Models with TransNeXt's aggregated attention export with a dynamic batch and a fixed H x W.
 Export runs every kernel op on its ``reference`` backend (tracing forces it too).
 """
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from visionzoo.kernels import use_backend
 
-__all__ = ["OnnxCheck", "check_onnx", "export_onnx", "load_checkpoint", "load_model"]
+__all__ = ["OnnxCheck", "check_onnx", "export_onnx", "fixed_size_reasons", "load_checkpoint", "load_model"]
 
 OPSET = 17
 
@@ -76,15 +77,29 @@ def load_model(name: str, checkpoint: str | Path | None = None, **kwargs) -> nn.
     return model.eval()
 
 
+def fixed_size_reasons(model: nn.Module) -> list[str]:
+    """Mixers that fix H and W in an ONNX graph (``onnx_dynamic_size = False``), by class name."""
+    return sorted({type(m).__name__ for m in model.modules() if getattr(m, "onnx_dynamic_size", True) is False})
+
+
 def export_onnx(
     model: nn.Module, path: str | Path, input_size: tuple[int, int] = (224, 224), dynamic: bool = True
 ) -> Path:
-    """Write ``model`` (images ``(B, C, H, W)`` to outputs) as ONNX; ``dynamic`` frees batch, height and width."""
+    """Write ``model`` (images ``(B, C, H, W)`` to outputs) as ONNX.
+
+    ``dynamic`` frees the batch, and height and width unless a mixer fixes them
+    (:func:`fixed_size_reasons`: TransNeXt's aggregated attention computes its pooled size and
+    position tables in Python from the input size).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     in_chans = getattr(model, "in_chans", 3)
     images = torch.randn(2, in_chans, *input_size)  # batch 1 would let the tracer bake in broadcasts
-    axes = {"images": {0: "batch", 2: "height", 3: "width"}, "outputs": {0: "batch"}} if dynamic else None
+    axes = None
+    if dynamic:
+        axes = {"images": {0: "batch"}, "outputs": {0: "batch"}}
+        if not fixed_size_reasons(model):
+            axes["images"].update({2: "height", 3: "width"})
     model = model.eval()
     with torch.no_grad(), use_backend("reference"), set_layer_config(exportable=True), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)

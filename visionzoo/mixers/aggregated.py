@@ -46,6 +46,14 @@ class _LengthScaledCosineAttention(TokenMixer):
         backend: kernel backend.
     """
 
+    # pooled sizes, position tables and length scales come from H and W in Python (cached per size)
+    onnx_dynamic_size = False
+
+    @staticmethod
+    def map_size(x: torch.Tensor) -> tuple[int, int]:
+        """H and W as Python ints: traced for ONNX they become constants of the graph (see ``onnx_dynamic_size``)."""
+        return int(x.shape[1]), int(x.shape[2])
+
     def __init__(
         self,
         dim: int,
@@ -142,7 +150,7 @@ class AggregatedAttention(_LengthScaledCosineAttention):
         return super().no_weight_decay() | {"relative_pos_bias_local"}
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
-        batch, height, width, _ = x.shape
+        batch, (height, width) = x.shape[0], self.map_size(x)
         pool_size = (height // self.sr_ratio, width // self.sr_ratio)
         heads, head_dim = self.num_heads, self.head_dim
         q = self.q(x).reshape(batch, height, width, heads, head_dim).permute(0, 3, 1, 2, 4)
@@ -197,7 +205,7 @@ class CosineGlobalAttention(_LengthScaledCosineAttention):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
-        batch, height, width, _ = x.shape
+        batch, (height, width) = x.shape[0], self.map_size(x)
         tokens = height * width
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)

@@ -38,6 +38,8 @@ class TokenMixer(nn.Module):
     """
 
     min_size: tuple[int, int] = (1, 1)
+    # False where the mixer derives sizes or tables from H and W in Python: ONNX then fixes H and W
+    onnx_dynamic_size: bool = True
 
     def __init__(self, dim: int, backend: str = "auto"):
         super().__init__()
