@@ -405,15 +405,20 @@ def stage_mixers(model: nn.Module) -> str:
     return stages[0] if len(set(stages)) == 1 else " / ".join(stages)
 
 
+def _gmacs(model: nn.Module, size: tuple[int, int]) -> float:
+    """Multiply-accumulates (what papers call FLOPs) of one eval forward at batch 1, reference kernels."""
+    device = next(model.parameters()).device
+    with torch.no_grad(), use_backend(REFERENCE), FlopCounterMode(display=False) as counter:
+        model.eval()(torch.zeros(1, 3, *size, device=device))
+    return counter.get_total_flops() / 2e9
+
+
 def model_stats(name: str, input_size: tuple[int, int] | None = None) -> ModelStats:
     """Parameters and GMACs (what papers call FLOPs) of one forward pass at batch 1."""
     model = timm.create_model(name).eval()
-    size = input_size or model.pretrained_cfg["input_size"][1:]
-    with torch.no_grad(), use_backend(REFERENCE), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, *size))
+    size = tuple(input_size or model.pretrained_cfg["input_size"][1:])
     params = sum(p.numel() for p in model.parameters())
-    gmacs = counter.get_total_flops() / 2e9
-    return ModelStats(name, params, gmacs, tuple(size), tuple(model.min_input_size), stage_mixers(model))
+    return ModelStats(name, params, _gmacs(model, size), size, tuple(model.min_input_size), stage_mixers(model))
 
 
 def model_peak_memory_mib(
@@ -423,17 +428,7 @@ def model_peak_memory_mib(
     of model ``name`` on ``batch`` images of ``input_size``, after a warm-up call."""
     dev = torch.device(device)
     model = timm.create_model(name).to(dev)
-    x = torch.randn(batch, 3, *input_size, device=dev)
-
-    def run():
-        if backward:
-            model.train()
-            model(x).logsumexp(-1).sum().backward()
-        else:
-            model.eval()
-            with torch.no_grad():
-                model(x)
-
+    run = _module_runner(model, torch.randn(batch, 3, *input_size, device=dev), backward)
     run()
     return peak_memory_mib(run, dev)
 
@@ -481,26 +476,16 @@ def bench_model(
     dev = torch.device(device)
     model = timm.create_model(name).to(dev).eval()
     size = tuple(input_size or model.pretrained_cfg["input_size"][1:])
-    with torch.no_grad(), use_backend(REFERENCE), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, *size, device=dev))
+    gmacs = _gmacs(model, size)
     one, many = (torch.randn(n, 3, *size, device=dev) for n in (1, batch))
-
-    def infer(x):
-        def run():
-            with torch.no_grad():
-                model(x)
-
-        return run
-
-    latency, latency_iqr, _ = _time(infer(one), dev, min_run_time)
-    infer_ms, _, infer_peak = _time(infer(many), dev, min_run_time)
+    latency, latency_iqr, _ = _time(_module_runner(model, one, backward=False), dev, min_run_time)
+    infer_ms, _, infer_peak = _time(_module_runner(model, many, backward=False), dev, min_run_time)
     train_img_s = train_peak = None
     if train:
-        model.train()
-        train_ms, _, train_peak = _time(lambda: model(many).logsumexp(-1).sum().backward(), dev, min_run_time)
+        train_ms, _, train_peak = _time(_module_runner(model, many, backward=True), dev, min_run_time)
         train_img_s = batch / train_ms * 1e3
     return ModelTiming(
-        name, str(dev), size, batch, sum(p.numel() for p in model.parameters()), counter.get_total_flops() / 2e9,
+        name, str(dev), size, batch, sum(p.numel() for p in model.parameters()), gmacs,
         latency, latency_iqr, batch / infer_ms * 1e3, train_img_s, infer_peak, train_peak,
     )  # fmt: skip
 
