@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.visionzoo-installed
 SMOKE := $(CURDIR)/build/smoke
 
-.PHONY: install test test-slow lint smoke-installed models-doc clean
+.PHONY: install test test-slow lint smoke-installed models-doc demo demo-data clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,28 @@ models-doc: install
 	  printf 'for tiny / small / base, TransNeXt 2.7 / 5.7 / 10.3 / 18.4 G for micro / tiny / small / base), the\n'; \
 	  printf 'smallest input, and the token mixers of each stage.\n\n'; \
 	  $(PY) -m visionzoo.cli stats 2>/dev/null; } > docs/models.md
+
+# The README demo: Fashion-MNIST (Debian's dataset-fashion-mnist), the quickstart recipe, its test accuracy,
+# and the trained model exported to ONNX and checked in onnxruntime. DEMO_DATA points elsewhere if needed.
+DEMO_DATA ?= /usr/share/datasets/fashion-mnist
+DEMO_RUN := $(CURDIR)/build/demo
+
+demo-data:
+	@test -e $(DEMO_DATA)/t10k-labels-idx1-ubyte.gz || test -e $(DEMO_DATA)/t10k-labels-idx1-ubyte || \
+	{ echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist) into /usr/share/datasets/fashion-mnist"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q dataset-fashion-mnist >/dev/null; \
+	  else sudo -n apt-get install -y -q dataset-fashion-mnist >/dev/null; fi; } || \
+	{ echo "Fashion-MNIST is not at $(DEMO_DATA) and could not be installed: download the four *-ubyte.gz files of"; \
+	  echo "https://github.com/zalandoresearch/fashion-mnist (data/fashion) and run: make demo DEMO_DATA=/that/folder"; \
+	  exit 1; }
+
+demo: install demo-data
+	rm -rf $(DEMO_RUN)
+	start=$$(date +%s) && $(VENV)/bin/visionzoo fit --config recipes/classification/quickstart.yaml \
+		--data.init_args.root=$(DEMO_DATA) --trainer.default_root_dir=$(DEMO_RUN) && \
+		echo "fit + test: $$(( $$(date +%s) - start )) s"
+	$(VENV)/bin/visionzoo export --checkpoint "$$(ls $(DEMO_RUN)/checkpoints/best-*.ckpt | head -1)" \
+		-o $(DEMO_RUN)/quickstart.onnx --dynamic --check-size 64 64
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -78,7 +78,8 @@ def test_bench_mixer_times_ours_against_timm(monkeypatch):
 
 def test_bench_model_against_a_timm_model(tmp_path, capsys):
     args = ["bench", "ela_resnet18", "--compare", "resnet18", "--img-size", "32", "48", "--batch", "2"]
-    assert main([*args, "--min-run-time", "0.01", "--csv", str(tmp_path / "models.csv")]) == 0
+    chart = tmp_path / "models.png"
+    assert main([*args, "--min-run-time", "0.01", "--csv", str(tmp_path / "models.csv"), "--chart", str(chart)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     ours, baseline = (line.split(" | ") for line in lines[2:])
     assert ours[0] == "| ela_resnet18" and baseline[0] == "| resnet18" and ours[2] == "32x48"
@@ -86,6 +87,13 @@ def test_bench_model_against_a_timm_model(tmp_path, capsys):
     assert all(cell.endswith("x)") for cell in ours[6:9])
     rows = (tmp_path / "models.csv").read_text().splitlines()
     assert rows[0].startswith("model,device,input_size,batch,params,gmacs") and len(rows) == 3
+    assert chart.read_bytes().startswith(b"\x89PNG")
+
+
+def test_stats_reports_the_papers_top1(capsys):
+    assert main(["stats", "nat_mini", "ela_resnet18", "--img-size", "64"]) == 0
+    rows = {line.split(" | ")[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert rows["| nat_mini"].endswith("| 81.8 |") and rows["| ela_resnet18"].endswith("| - |")
 
 
 def test_bench_model_figures_are_consistent():

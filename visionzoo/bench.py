@@ -35,6 +35,7 @@ __all__ = [
     "MIXER_CASES",
     "OP_ALTERNATIVES",
     "OP_CASES",
+    "PAPER_TOP1",
     "ModelStats",
     "ModelTiming",
     "OpTiming",
@@ -48,6 +49,7 @@ __all__ = [
     "model_peak_memory_mib",
     "model_stats",
     "peak_memory_mib",
+    "plot_model_timings",
     "write_csv",
     "write_model_csv",
 ]
@@ -56,11 +58,14 @@ __all__ = [
 @dataclass(frozen=True)
 class OpCase:
     """One input configuration of an op: a label, its default batch size, and
-    ``make_args(device, dtype, batch)`` building the op's positional arguments."""
+    ``make_args(device, dtype, batch)`` building the op's positional arguments; ``flops(batch)``,
+    when given, counts the forward FLOPs (4 * B * heads * queries * keys per query * head dim;
+    x2.5 for forward+backward) behind the effective TFLOP/s column."""
 
     label: str
     batch: int
     make_args: Callable[[torch.device, torch.dtype, int], tuple]
+    flops: Callable[[int], float] | None = None
 
 
 def _dense_case(batch: int, heads: int, tokens: int, head_dim: int) -> OpCase:
@@ -70,14 +75,20 @@ def _dense_case(batch: int, heads: int, tokens: int, head_dim: int) -> OpCase:
     return OpCase(f"heads={heads} N={tokens} d={head_dim}", batch, make)
 
 
-def _neighborhood_case(batch: int, heads: int, size: int, head_dim: int, kernel_size: int, rpb: bool) -> OpCase:
+def _neighborhood_case(
+    batch: int, heads: int, size: int, head_dim: int, kernel_size: int, rpb: bool, dilation: int = 1
+) -> OpCase:
     def make(device, dtype, batch):
         q, k, v = (torch.randn(batch, heads, size, size, head_dim, device=device, dtype=dtype) for _ in range(3))
         table = torch.randn(heads, 2 * kernel_size - 1, 2 * kernel_size - 1, device=device, dtype=dtype)
-        return q, k, v, kernel_size, 1, table if rpb else None
+        return q, k, v, kernel_size, dilation, table if rpb else None
 
-    label = f"{size}x{size} heads={heads} d={head_dim} k={kernel_size}{' rpb' if rpb else ''}"
-    return OpCase(label, batch, make)
+    def flops(batch):
+        return 4 * batch * heads * size**2 * kernel_size**2 * head_dim
+
+    dilated = f" dilation={dilation}" if dilation > 1 else ""
+    label = f"{size}x{size} heads={heads} d={head_dim} k={kernel_size}{dilated}{' rpb' if rpb else ''}"
+    return OpCase(label, batch, make, flops)
 
 
 def _routing_case(batch: int, size: int, dim: int, heads: int, n_win: int, topk: int) -> OpCase:
@@ -88,7 +99,11 @@ def _routing_case(batch: int, size: int, dim: int, heads: int, n_win: int, topk:
         q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
         return q, k, v, n_win, topk, dim**-0.5
 
-    return OpCase(f"{size}x{size} (padded {padded}) C={dim} heads={heads} n_win={n_win} topk={topk}", batch, make)
+    def flops(batch):
+        return 4 * batch * heads * padded**2 * min(topk, n_win**2) * (padded // n_win) ** 2 * (dim // heads)
+
+    label = f"{size}x{size} (padded {padded}) C={dim} heads={heads} n_win={n_win} topk={topk}"
+    return OpCase(label, batch, make, flops)
 
 
 def _aggregated_case(batch: int, heads: int, size: int, head_dim: int, sr_ratio: int, window: int = 3) -> OpCase:
@@ -104,7 +119,11 @@ def _aggregated_case(batch: int, heads: int, size: int, head_dim: int, sr_ratio:
         pool_bias, tokens = rand(heads, size * size, pool_len), rand(heads, head_dim, local_len)
         return q, k, v, k_pool, v_pool, embedding, scale, rpb, pool_bias, tokens, rand(heads, local_len), window
 
-    return OpCase(f"{size}x{size} heads={heads} d={head_dim} window={window} pool={size // sr_ratio}", batch, make)
+    def flops(batch):
+        return 4 * batch * heads * size**2 * (local_len + pool_len) * head_dim
+
+    label = f"{size}x{size} heads={heads} d={head_dim} window={window} pool={size // sr_ratio}"
+    return OpCase(label, batch, make, flops)
 
 
 OP_CASES: dict[str, list[OpCase]] = {
@@ -116,14 +135,31 @@ OP_CASES: dict[str, list[OpCase]] = {
         _neighborhood_case(8, 2, 56, 32, 7, rpb=True),
         _neighborhood_case(8, 4, 112, 32, 7, rpb=False),
         _neighborhood_case(8, 4, 112, 32, 7, rpb=True),
+        # issue #7: batch 64 at 224 (NAT, and DiNAT's dilation 8), and 128x128 maps at batch 8
+        _neighborhood_case(64, 2, 56, 32, 7, rpb=False),
+        _neighborhood_case(64, 2, 56, 32, 7, rpb=True),
+        _neighborhood_case(64, 2, 56, 32, 7, rpb=True, dilation=8),
+        _neighborhood_case(8, 4, 128, 32, 7, rpb=False),
+        _neighborhood_case(8, 4, 128, 32, 7, rpb=True),
     ],
     # transnext_micro's first stage (sr 8) at 224x224 and 640x640 input
-    "aggregated_attention": [_aggregated_case(4, 2, 56, 24, 8), _aggregated_case(1, 2, 160, 24, 8)],
-    # biformer_tiny's first stage (64 channels, 7x7 regions, top-1) at 224, 512 and 1024 input
+    # issue #7: head dim 32, 56x56 maps at batch 64 and 128x128 maps at batch 8 (pool = size / 8)
+    "aggregated_attention": [
+        _aggregated_case(4, 2, 56, 24, 8),
+        _aggregated_case(1, 2, 160, 24, 8),
+        _aggregated_case(64, 2, 56, 32, 8),
+        _aggregated_case(8, 2, 128, 32, 8),
+    ],
+    # biformer_tiny's first stage (64 channels, 7x7 regions, top-1) at 224, 512 and 1024 input;
+    # issue #7: its stages 1-3 at 224 at batch 64, stage 1 at 512 at batch 8
     "bilevel_routing_attention": [
         _routing_case(8, 56, 64, 2, 7, 1),
         _routing_case(2, 128, 64, 2, 7, 1),
         _routing_case(1, 256, 64, 2, 7, 1),
+        _routing_case(64, 56, 64, 2, 7, 1),
+        _routing_case(64, 28, 128, 4, 7, 4),
+        _routing_case(64, 14, 256, 8, 7, 16),
+        _routing_case(8, 128, 64, 2, 7, 1),
     ],
 }
 
@@ -148,6 +184,7 @@ class OpTiming:
     iqr_ms: float
     speedup: float
     peak_mib: float | None
+    tflops: float | None = None  # effective: the case's FLOPs over the median time
 
 
 def _grad_args(args: tuple) -> tuple:
@@ -237,6 +274,8 @@ def bench_op(
         case_batch = batch or case.batch
         args = case.make_args(dev, dtype, case_batch)
         backends = [REFERENCE, *(b for b in op.backends if b != REFERENCE and op.supports(b, *args))]
+        if dev.type != "cuda":  # Triton off CUDA is its interpreter (TRITON_INTERPRET=1): a test tool, not timed
+            backends = [b for b in backends if b != "triton"]
         alternatives = OP_ALTERNATIVES.get(name, {})
         for mode in ("forward", "forward+backward") if backward else ("forward",):
             reference = float("nan")
@@ -247,10 +286,17 @@ def bench_op(
                     fn = _runner(op, args, backend, backward=mode != "forward")
                     if mode != "forward" and not op.supports(backend, *_grad_args(args)):
                         continue  # forward-only backend on this device
-                median, iqr, peak = _time(fn, dev, min_run_time)
+                try:
+                    median, iqr, peak = _time(fn, dev, min_run_time)
+                except torch.OutOfMemoryError:  # a row, not a crash: who runs out at large maps is a result
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    median, iqr, peak = float("nan"), float("nan"), None
                 reference = median if backend == REFERENCE else reference
+                flops = case.flops(case_batch) * (1.0 if mode == "forward" else 2.5) if case.flops else None
                 row = OpTiming(name, case.label, case_batch, str(dev), str(dtype).removeprefix("torch."), mode,
-                               backend, median, iqr, reference / median, peak)  # fmt: skip
+                               backend, median, iqr, reference / median, peak,
+                               flops / median / 1e9 if flops else None)  # fmt: skip
                 rows.append(row)
                 if on_row:
                     on_row(row)
@@ -258,16 +304,22 @@ def bench_op(
 
 
 MARKDOWN_HEADER = (
-    "| op | case | batch | device | dtype | mode | backend | median ms | IQR ms | speed-up vs baseline | peak MiB |\n"
-    "| --- | --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"
+    "| op | case | batch | device | dtype | mode | backend | median ms | IQR ms | speed-up vs baseline | peak MiB "
+    "| TFLOP/s |\n"
+    "| --- | --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"
 )
 
 
 def markdown_row(r: OpTiming) -> str:
+    if r.median_ms != r.median_ms:  # NaN: ran out of memory
+        return (
+            f"| {r.op} | {r.case} | {r.batch} | {r.device} | {r.dtype} | {r.mode} | {r.backend} | out of memory |||||"
+        )
     peak = "-" if r.peak_mib is None else f"{r.peak_mib:.0f}"
+    tflops = "-" if r.tflops is None else f"{r.tflops:.3g}"
     return (
         f"| {r.op} | {r.case} | {r.batch} | {r.device} | {r.dtype} | {r.mode} | {r.backend} "
-        f"| {r.median_ms:.3f} | {r.iqr_ms:.3f} | {r.speedup:.2f}x | {peak} |"
+        f"| {r.median_ms:.3f} | {r.iqr_ms:.3f} | {r.speedup:.2f}x | {peak} | {tflops} |"
     )
 
 
@@ -381,6 +433,16 @@ def write_csv(rows: list[OpTiming], stream: TextIO) -> None:
     writer.writerows(dataclasses.asdict(r) for r in rows)
 
 
+# ImageNet-1K top-1 (%) at 224x224 as each paper reports it (NAT, DiNAT, BiFormer and TransNeXt tables);
+# our models are untrained or converted from these checkpoints.
+PAPER_TOP1: dict[str, float] = {
+    "nat_mini": 81.8, "nat_tiny": 83.2, "nat_small": 83.7, "nat_base": 84.3,
+    "dinat_mini": 81.8, "dinat_tiny": 82.7, "dinat_small": 83.8, "dinat_base": 84.4,
+    "biformer_tiny": 81.4, "biformer_small": 83.8, "biformer_base": 84.3,
+    "transnext_micro": 82.5, "transnext_tiny": 84.0, "transnext_small": 84.7, "transnext_base": 84.8,
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ModelStats:
     model: str
@@ -389,6 +451,7 @@ class ModelStats:
     input_size: tuple[int, int]
     min_input_size: tuple[int, int]
     mixers: str = "-"
+    paper_top1: float | None = None
 
 
 def stage_mixers(model: nn.Module) -> str:
@@ -418,7 +481,9 @@ def model_stats(name: str, input_size: tuple[int, int] | None = None) -> ModelSt
     model = timm.create_model(name).eval()
     size = tuple(input_size or model.pretrained_cfg["input_size"][1:])
     params = sum(p.numel() for p in model.parameters())
-    return ModelStats(name, params, _gmacs(model, size), size, tuple(model.min_input_size), stage_mixers(model))
+    return ModelStats(
+        name, params, _gmacs(model, size), size, tuple(model.min_input_size), stage_mixers(model), PAPER_TOP1.get(name)
+    )
 
 
 def model_peak_memory_mib(
@@ -434,10 +499,13 @@ def model_peak_memory_mib(
 
 
 def format_model_markdown(rows: list[ModelStats]) -> str:
-    lines = ["| model | params | GMACs | at | min input | mixers by stage |", "| --- | ---: | ---: | --- | --- | --- |"]
+    lines = [
+        "| model | params | GMACs | at | min input | mixers by stage | paper top-1 |",
+        "| --- | ---: | ---: | --- | --- | --- | ---: |",
+    ]
     lines += [
         f"| {r.model} | {r.params:,} | {r.gmacs:.2f} | {r.input_size[0]}x{r.input_size[1]} "
-        f"| {r.min_input_size[0]}x{r.min_input_size[1]} | {r.mixers} |"
+        f"| {r.min_input_size[0]}x{r.min_input_size[1]} | {r.mixers} | {r.paper_top1 or '-'} |"
         for r in rows
     ]
     return "\n".join(lines)
@@ -518,6 +586,26 @@ def format_model_timings(rows: list[ModelTiming], baseline: str | None = None) -
             f"| {cell(r.infer_peak_mib, b.infer_peak_mib, '.0f')} | {cell(r.train_peak_mib, b.train_peak_mib, '.0f')} |"
         )
     return "\n".join(lines)
+
+
+def plot_model_timings(rows: list[ModelTiming], path: str) -> None:
+    """PNG chart of inference throughput against GMACs, one labelled point per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        axis.scatter(r.gmacs, r.infer_img_s)
+        axis.annotate(r.model, (r.gmacs, r.infer_img_s), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    first = rows[0]
+    axis.set_xlabel(f"GMACs at {first.input_size[0]}x{first.input_size[1]}")
+    axis.set_ylabel(f"inference img/s (batch {first.batch}, {first.device})")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def write_model_csv(rows: list[ModelTiming], stream: TextIO) -> None:

@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 
 LISTABLE = ("models", "mixers", "recipes", "ops")
+# handed to Lightning's CLI (visionzoo.training): recipes, overrides, --print_config
+TRAINING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -25,7 +27,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _bench_models(args: argparse.Namespace) -> int:
-    from visionzoo.bench import bench_model, format_model_timings, write_model_csv
+    from visionzoo.bench import bench_model, format_model_timings, plot_model_timings, write_model_csv
 
     names = [*args.models, *(args.compare or [])]
     size = tuple(args.img_size) if args.img_size else None
@@ -35,6 +37,8 @@ def _bench_models(args: argparse.Namespace) -> int:
     if args.csv:
         with open(args.csv, "w", newline="") as stream:
             write_model_csv(rows, stream)
+    if args.chart:
+        plot_model_timings(rows, args.chart)
     return 0
 
 
@@ -88,7 +92,8 @@ def _export(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     size = tuple(args.img_size or model.pretrained_cfg["input_size"][1:])
-    path = export_onnx(model, args.output or f"{args.model}.onnx", size, dynamic=args.dynamic)
+    name = args.model or model.pretrained_cfg.get("architecture", "model")
+    path = export_onnx(model, args.output or f"{name}.onnx", size, dynamic=args.dynamic)
     fixed = fixed_size_reasons(model)
     if not args.dynamic:
         print(f"wrote {path} (static {size[0]}x{size[1]}, batch 2)")
@@ -109,6 +114,8 @@ def _export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionzoo", description="visionzoo: vision backbones for timm.")
     commands = parser.add_subparsers(dest="command", required=True)
+    for verb in TRAINING_COMMANDS:  # listed for --help; main() hands them to Lightning's CLI
+        commands.add_parser(verb, help=f"{verb} with a recipe: visionzoo {verb} --config RECIPE.yaml [--help]")
     listing = commands.add_parser("list", help="list registered models, mixers, kernel ops or packaged recipes")
     listing.add_argument("what", choices=LISTABLE)
     listing.set_defaults(run=_list)
@@ -128,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--case", action="append", help="only cases whose label contains this (repeatable)")
     bench.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timed runs per figure")
     bench.add_argument("--csv", help="also write the rows to this CSV file")
+    bench.add_argument("--chart", help="models: also draw throughput against GMACs into this PNG")
     bench.set_defaults(run=_bench)
 
     stats = commands.add_parser("stats", help="parameters and GMACs of models, as a markdown table")
@@ -136,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.set_defaults(run=_stats)
 
     export = commands.add_parser("export", help="export a model to ONNX and check it in onnxruntime")
-    export.add_argument("model", help="registered model name")
+    export.add_argument("model", nargs="?", help="registered model name (optional with a visionzoo fit checkpoint)")
     export.add_argument("--checkpoint", help="weights: .safetensors, or a torch/Lightning checkpoint")
     export.add_argument("-o", "--output", help="ONNX file (default: MODEL.onnx)")
     export.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="export size (default: model's)")
@@ -150,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TRAINING_COMMANDS:
+        from visionzoo.training import run_cli
+
+        return run_cli(argv)
     args = build_parser().parse_args(argv)
     return args.run(args)
 

@@ -27,20 +27,20 @@ OPSET = 17
 
 
 def _unwrap(state: Mapping) -> dict[str, torch.Tensor]:
-    """A state dict out of a Lightning checkpoint (``state_dict``, keys ``model.*``) or a ``model``/``state_dict``
-    container; plain state dicts pass through."""
+    """A state dict out of a Lightning checkpoint (``state_dict``; the task's ``ema.module.*`` weights when the
+    run kept an EMA, else ``model.*``) or a ``model``/``state_dict`` container; plain state dicts pass through."""
     for container in ("state_dict", "model"):
         if container in state and isinstance(state[container], Mapping):
             state = state[container]
             break
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if state and all(k.startswith("model.") for k in state):
-        state = {k.removeprefix("model."): v for k, v in state.items()}
+    for prefix in ("ema.module.", "model."):
+        if any(k.startswith(prefix) for k in state):
+            return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     return state
 
 
-def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file or a torch checkpoint (read with ``weights_only=True``: no pickled code)."""
+def _read(path: str | Path) -> Mapping:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -49,20 +49,37 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        return _unwrap(torch.load(path, map_location="cpu", weights_only=True))
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt, truncated or unsafe files all end here
         raise ValueError(f"cannot read checkpoint {path}: {error}") from error
 
 
-def load_model(name: str, checkpoint: str | Path | None = None, **kwargs) -> nn.Module:
+def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file or a torch checkpoint (read with ``weights_only=True``: no pickled code)."""
+    return _unwrap(_read(path))
+
+
+def load_model(name: str | None, checkpoint: str | Path | None = None, **kwargs) -> nn.Module:
     """``timm.create_model(name)`` in eval mode, with the weights of ``checkpoint`` when given.
 
-    The classifier is resized to the checkpoint's number of classes; any other mismatch
-    (a checkpoint of another model) is an error that lists the offending keys.
+    A ``visionzoo fit`` checkpoint rebuilds its own model: ``name`` may be None, and the task's
+    ``model_kwargs`` and ``num_classes`` apply (the data's ``image_size`` becomes the model's
+    ``pretrained_cfg["input_size"]``). Otherwise the classifier is resized to the checkpoint's number
+    of classes; any other mismatch (a checkpoint of another model) is an error that lists the keys.
     """
     if checkpoint is None:
+        if name is None:
+            raise ValueError("give a model name or a checkpoint written by visionzoo fit")
         return timm.create_model(name, **kwargs).eval()
-    state = load_checkpoint(checkpoint)
+    raw = _read(checkpoint)
+    hparams = raw.get("hyper_parameters") if isinstance(raw.get("hyper_parameters"), Mapping) else {}
+    trained_name = hparams.get("model_name")
+    if name is None and trained_name is None:
+        raise ValueError(f"{checkpoint} names no model (not written by visionzoo fit): give the model name")
+    name = name or trained_name
+    if name == trained_name:
+        kwargs = {**(hparams.get("model_kwargs") or {}), "num_classes": hparams["num_classes"], **kwargs}
+    state = _unwrap(raw)
     model = timm.create_model(name, **kwargs)
     classifier = model.pretrained_cfg.get("classifier")
     weight = state.get(f"{classifier}.weight") if classifier else None
@@ -74,6 +91,13 @@ def load_model(name: str, checkpoint: str | Path | None = None, **kwargs) -> nn.
             f"checkpoint {checkpoint} does not fit {name}: {len(missing)} missing keys {missing[:5]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:5]}"
         )
+    image_size = (raw.get("datamodule_hyper_parameters") or {}).get("image_size")
+    if image_size is not None:
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        model.pretrained_cfg = {
+            **model.pretrained_cfg,
+            "input_size": (model.pretrained_cfg["input_size"][0], height, width),
+        }
     return model.eval()
 
 

@@ -1,0 +1,181 @@
+"""Every packaged recipe runs ``visionzoo fit`` (fast_dev_run) on a tiny dataset written in its own on-disk
+format; the CLI's links, overrides, checkpoints, resume and export from a fit checkpoint."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import visionzoo
+from visionzoo.cli import main
+from visionzoo.data import write_ade20k, write_coco, write_idx, write_imagefolder
+
+RECIPES = visionzoo.list_recipes()
+CPU_TRAINER = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32"]
+
+
+def recipe_path(name: str) -> Path:
+    with resources.as_file(resources.files("visionzoo.recipes") / name) as path:
+        return Path(path)
+
+
+def _tiny_data(data: dict, tmp: Path) -> dict:
+    """The recipe's data section pointed at a generated dataset of the same format."""
+    args = data["init_args"]
+    kind = data["class_path"].rsplit(".", 1)[-1]
+    if kind == "ClassificationData" and args.get("format") == "idx":
+        args["root"] = str(write_idx(tmp / "idx", train=40, test=8))
+    elif kind == "ClassificationData":
+        args["root"] = str(write_imagefolder(tmp / "folder", num_classes=3, per_class=2, size=(48, 40)))
+    elif kind == "DetectionData":
+        args.update(write_coco(tmp / "coco", images=3, with_masks=args.get("with_masks", False)))
+    elif kind == "SegmentationData":
+        args["root"] = str(write_ade20k(tmp / "ade", images=2))
+        for transform in args.get("train_transforms", []) + args.get("eval_transforms", []):
+            for key, value in transform.items():  # ADE20K's 512x512 crops (2048 long side) scaled to 64x64
+                if key != "name" and isinstance(value, int) and value >= 512:
+                    transform[key] = value // 8
+    else:  # pragma: no cover - a new data module needs its generator here
+        raise AssertionError(f"no tiny dataset for {kind}")
+    args.update(batch_size=2, num_workers=0)
+    return data
+
+
+def _offline_small(model: dict) -> dict:
+    """No downloads, and detector input sizes a CPU test can afford."""
+    args = model["init_args"]
+    for key in ("detector_kwargs", "segmenter_kwargs"):
+        if key in args:
+            args[key].setdefault("backbone_kwargs", {})["pretrained"] = False
+    if "detector_kwargs" in args:
+        args["detector_kwargs"].update(min_size=96, max_size=128)
+    if args.get("pretrained"):
+        args["pretrained"] = False
+    return model
+
+
+# The paper recipes build full-size models (10-45 s each on 2 cores): `make test-slow` runs them, CI does.
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[] if "quickstart" in n else pytest.mark.slow) for n in RECIPES]
+)
+def test_recipe_runs_fast_dev_run_on_data_of_its_format(name, tmp_path, monkeypatch):
+    config = yaml.safe_load(recipe_path(name).read_text())
+    config["data"] = _tiny_data(config["data"], tmp_path)
+    config["model"] = _offline_small(config["model"])
+    config["trainer"]["default_root_dir"] = str(tmp_path / "run")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    assert main(["fit", "--config", str(path), "--trainer.fast_dev_run=true", *CPU_TRAINER]) == 0
+
+
+def test_every_recipe_documents_itself_and_states_its_schedule():
+    for name in RECIPES:
+        text = recipe_path(name).read_text()
+        assert text.startswith("# "), f"{name} starts with no description"
+        config = yaml.safe_load(text)
+        assert {"model", "data", "trainer"} <= set(config), name
+        trainer = config["trainer"]
+        assert "max_epochs" in trainer or "max_steps" in trainer, name
+
+
+@pytest.fixture(scope="module")
+def fashion_like(tmp_path_factory):
+    return write_idx(tmp_path_factory.mktemp("idx"), train=64, test=16)
+
+
+def _quickstart(root: Path, run: Path, *extra: str) -> list[str]:
+    return [
+        "--config",
+        str(recipe_path("classification/quickstart.yaml")),
+        f"--data.init_args.root={root}",
+        "--data.init_args.batch_size=16",
+        f"--trainer.default_root_dir={run}",
+        "--trainer.enable_progress_bar=false",
+        *CPU_TRAINER,
+        *extra,
+    ]
+
+
+def test_fit_writes_checkpoints_logs_and_curves_then_exports(fashion_like, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["fit", *_quickstart(fashion_like, run, "--trainer.max_epochs=1")]) == 0
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert list((run / "checkpoints").glob("best-*.ckpt"))
+    assert list(run.glob("logs/version_0/events.out.tfevents.*")), "TensorBoard log missing"
+    assert (run / "logs" / "version_0" / "learning_curves.png").stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "test/top1" in out, "fit did not test the best checkpoint"
+
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["hyper_parameters"]["num_classes"] == 10, "num_classes not linked from the data"
+    onnx = tmp_path / "model.onnx"
+    code = main(["export", "--checkpoint", str(run / "checkpoints" / "last.ckpt"), "-o", str(onnx), "--dynamic"])
+    assert code == 0 and onnx.is_file()
+    assert "(2, 3, 32, 32)" in capsys.readouterr().out, "export did not take the recipe's image size"
+
+
+def test_resume_from_last_continues_step_and_optimizer_state(fashion_like, tmp_path):
+    run = tmp_path / "run"
+    assert main(["fit", *_quickstart(fashion_like, run, "--trainer.max_epochs=1", "--test_after_fit=false")]) == 0
+    first = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    steps_per_epoch = first["global_step"]
+    assert steps_per_epoch > 0
+
+    resumed = _quickstart(fashion_like, run, "--trainer.max_epochs=2", "--test_after_fit=false", "--ckpt_path=last")
+    assert main(["fit", *resumed]) == 0
+    second = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert second["global_step"] == 2 * steps_per_epoch, "the resumed run restarted its step count"
+    assert second["epoch"] == 1
+    first_state, second_state = first["optimizer_states"][0]["state"], second["optimizer_states"][0]["state"]
+    assert second_state[0]["step"] == first_state[0]["step"] + steps_per_epoch, "optimizer state not restored"
+    assert second["lr_schedulers"][0]["last_epoch"] == 2 * steps_per_epoch
+
+
+def test_overrides_and_print_config(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "fit",
+                "--config",
+                str(recipe_path("classification/quickstart.yaml")),
+                "--trainer.max_epochs=7",
+                "--model.init_args.lr=0.5",
+                "--print_config",
+            ]
+        )
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["max_epochs"] == 7
+    assert printed["model"]["init_args"]["lr"] == 0.5
+    assert "num_classes" not in printed["model"]["init_args"], "num_classes comes from the data"
+
+
+def test_ddp_on_two_cpu_processes(fashion_like, tmp_path):
+    """Two gloo processes through Lightning's launcher, as `visionzoo fit --trainer.strategy=ddp` runs them."""
+    run = tmp_path / "run"
+    extra = ("--trainer.max_epochs=1", "--data.init_args.batch_size=8", "--trainer.limit_val_batches=1")
+    args = _quickstart(fashion_like, run, *extra, "--test_after_fit=false")
+    args = [a for a in args if not a.startswith(("--trainer.devices", "--trainer.strategy"))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "visionzoo.cli", "fit", *args, "--trainer.devices=2", "--trainer.strategy=ddp"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Starting with 2 processes" in result.stderr + result.stdout
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    # 61 training images (64 less 3 held out), 31 per process: 3 full batches of 8 (one process: 7)
+    assert checkpoint["global_step"] == 3

@@ -1,0 +1,30 @@
+"""Lightning data modules for classification, detection and segmentation, with albumentations pipelines
+declared in YAML, and writers of tiny datasets in the same on-disk formats (``synthetic``)."""
+
+from .base import VisionDataModule
+from .classification import FASHION_MNIST_CLASSES, ClassificationData, read_idx
+from .detection import DetectionData, collate_detection
+from .segmentation import ADE20K_CLASSES, VOC_CLASSES, SegmentationData
+from .synthetic import write_ade20k, write_coco, write_idx, write_imagefolder, write_voc
+from .transforms import DataConfig, build_pipeline, make_transform, resolve_data_config
+
+__all__ = [
+    "ADE20K_CLASSES",
+    "FASHION_MNIST_CLASSES",
+    "VOC_CLASSES",
+    "ClassificationData",
+    "DataConfig",
+    "DetectionData",
+    "SegmentationData",
+    "VisionDataModule",
+    "build_pipeline",
+    "collate_detection",
+    "make_transform",
+    "read_idx",
+    "resolve_data_config",
+    "write_ade20k",
+    "write_coco",
+    "write_idx",
+    "write_imagefolder",
+    "write_voc",
+]

@@ -1,0 +1,98 @@
+"""Image classification with any timm model: cross-entropy (label smoothing, mixup/cutmix), top-1/top-5."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from torchmetrics.classification import MulticlassAccuracy
+
+from .base import VisionTask
+
+__all__ = ["ClassificationTask"]
+
+
+class ClassificationTask(VisionTask):
+    """Train and evaluate ``timm.create_model(model_name, num_classes=..., **model_kwargs)``.
+
+    Args:
+        model_name: a timm model name (visionzoo's or timm's own).
+        num_classes: classes of the data (linked from the data module by ``visionzoo fit``).
+        model_kwargs: more arguments for ``timm.create_model`` (``drop_path_rate``, architecture fields, ...).
+        pretrained: start from the model's published weights.
+        label_smoothing: label smoothing of the cross-entropy.
+        mixup_alpha: mixup's Beta parameter (0: off).
+        cutmix_alpha: cutmix's Beta parameter (0: off).
+        mix_prob: probability of mixing a batch when mixup or cutmix is on.
+        **training: optimizer, schedule and EMA settings, see :class:`~visionzoo.tasks.base.VisionTask`.
+    """
+
+    monitor = "val/top1"
+
+    def __init__(
+        self,
+        model_name: str,
+        num_classes: int,
+        model_kwargs: dict[str, Any] | None = None,
+        pretrained: bool = False,
+        label_smoothing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mix_prob: float = 1.0,
+        **training: Any,
+    ):
+        super().__init__(**training)
+        self.attach(
+            timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **(model_kwargs or {}))
+        )
+        self.mixup = None
+        if mixup_alpha > 0 or cutmix_alpha > 0:
+            self.mixup = Mixup(
+                mixup_alpha=mixup_alpha,
+                cutmix_alpha=cutmix_alpha,
+                prob=mix_prob,
+                label_smoothing=label_smoothing,
+                num_classes=num_classes,
+            )
+        top_k = (1, 5) if num_classes > 5 else (1,)
+        for stage in ("val", "test"):
+            for k in top_k:
+                setattr(self, f"{stage}_top{k}", MulticlassAccuracy(num_classes, top_k=k, average="micro"))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.eval_model(images)
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        if self.mixup is not None and len(images) % 2 == 0:  # timm's Mixup pairs the batch with its reverse
+            images, targets = self.mixup(images, labels)
+            loss = SoftTargetCrossEntropy()(self.model(images), targets)
+        else:
+            loss = F.cross_entropy(self.model(images), labels, label_smoothing=self.hparams.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def _evaluate(self, batch, stage: str) -> None:
+        images, labels = batch
+        logits = self.eval_model(images)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, labels), prog_bar=True)
+        for name in ("top1", "top5"):
+            metric = getattr(self, f"{stage}_{name}", None)
+            if metric is not None:
+                metric(logits, labels)
+                self.log(f"{stage}/{name}", metric, prog_bar=name == "top1")
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch, batch_idx):
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self.eval_model(images).softmax(-1)

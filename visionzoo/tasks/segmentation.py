@@ -1,0 +1,83 @@
+"""Semantic segmentation with UPerNet or Semantic FPN over a timm backbone; mIoU."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from visionzoo.heads import create_segmenter
+from visionzoo.metrics import segmentation_metrics
+
+from .base import VisionTask
+
+__all__ = ["SegmentationTask"]
+
+
+class SegmentationTask(VisionTask):
+    """Train and evaluate ``create_segmenter(decoder, model_name, num_classes, ...)``.
+
+    Batches are ``(images (B, 3, H, W) normalised, masks (B, H, W) int64)`` with ``ignore_index`` on
+    unlabelled pixels.
+
+    Args:
+        model_name: the backbone, a timm model name with maps at strides 4 to 32.
+        num_classes: classes to predict (linked from the data module by ``visionzoo fit``).
+        decoder: ``upernet`` or ``semantic_fpn``.
+        aux_weight: weight of the auxiliary FCN head's loss (0: no auxiliary head).
+        ignore_index: label of the pixels that count nowhere.
+        segmenter_kwargs: more arguments for :func:`~visionzoo.heads.create_segmenter` (``channels``,
+            ``frozen_stages``, ``out_norm``, ``backbone_kwargs``, ...).
+        **training: optimizer, schedule and EMA settings, see :class:`~visionzoo.tasks.base.VisionTask`.
+    """
+
+    monitor = "val/miou"
+
+    def __init__(
+        self,
+        model_name: str,
+        num_classes: int,
+        decoder: str = "upernet",
+        aux_weight: float = 0.4,
+        ignore_index: int = 255,
+        segmenter_kwargs: dict[str, Any] | None = None,
+        **training: Any,
+    ):
+        super().__init__(**training)
+        model = create_segmenter(decoder, model_name, num_classes, aux_head=aux_weight > 0, **(segmenter_kwargs or {}))
+        self.attach(model)
+        self.val_metrics = segmentation_metrics(num_classes, ignore_index).clone(prefix="val/")
+        self.test_metrics = segmentation_metrics(num_classes, ignore_index).clone(prefix="test/")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.eval_model(images)["out"]
+
+    def training_step(self, batch, batch_idx):
+        images, masks = batch
+        outputs = self.model(images)
+        loss = F.cross_entropy(outputs["out"], masks, ignore_index=self.hparams.ignore_index)
+        if "aux" in outputs:
+            aux = F.cross_entropy(outputs["aux"], masks, ignore_index=self.hparams.ignore_index)
+            self.log("train/aux_loss", aux)
+            loss = loss + self.hparams.aux_weight * aux
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def _evaluate(self, batch, metrics, stage: str) -> None:
+        images, masks = batch
+        logits = self.eval_model(images)["out"]
+        self.log(f"{stage}/loss", F.cross_entropy(logits, masks, ignore_index=self.hparams.ignore_index))
+        metrics.update(logits.argmax(1), masks)
+        self.log_dict(metrics, prog_bar=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, self.val_metrics, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch, batch_idx):
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self.forward(images).argmax(1)

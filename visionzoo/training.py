@@ -1,0 +1,146 @@
+"""``visionzoo fit|validate|test|predict``: Lightning's CLI over the tasks and data modules.
+
+A recipe is a LightningCLI YAML file (``model:`` a task, ``data:`` a data module, ``trainer:``).
+The CLI links the two: the data module reads the model's normalisation from ``model_name``, and
+the task gets ``num_classes`` from the data. Unless the recipe says otherwise, a run under
+``trainer.default_root_dir`` (default: the working directory) keeps
+
+- ``checkpoints/last.ckpt`` (every epoch; ``--ckpt_path last`` resumes from it) and the best
+  checkpoint by the task's validation metric;
+- CSV and TensorBoard logs under ``logs/``, and ``learning_curves.png`` beside the CSV at the end of ``fit``;
+- a rich progress bar.
+
+``fit`` then tests the best checkpoint when the data has a test split (``--test_after_fit false`` skips it).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+__all__ = ["LearningCurves", "VisionZooCLI", "run_cli"]
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+class LearningCurves(Callback):
+    """At the end of ``fit``, plots every logged ``train/*`` and ``val/*`` metric of the CSV log
+    against the step into ``learning_curves.png`` beside ``metrics.csv``."""
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+        if csv_logger is None or not trainer.is_global_zero:
+            return
+        csv_logger.save()
+        path = Path(csv_logger.log_dir) / "metrics.csv"
+        if path.is_file():
+            out = plot_learning_curves(path)
+            if out is not None:
+                print(f"learning curves: {out}")
+
+
+def plot_learning_curves(metrics_csv: Path) -> Path | None:
+    """``learning_curves.png`` beside ``metrics_csv``: one panel per metric, x = step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    with open(metrics_csv, newline="") as stream:
+        for row in csv.DictReader(stream):
+            for name, value in row.items():
+                if name.startswith(("train/", "val/")) and value not in ("", None) and "lr" not in name:
+                    series[name].append((int(row["step"]), float(value)))
+    if not series:
+        return None
+    names = sorted(series)
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    figure, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    for axis, name in zip(axes.flat, names):
+        steps, values = zip(*series[name])
+        axis.plot(steps, values, marker="o" if name.startswith("val/") else None, markersize=3)
+        axis.set_title(name)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(names) :]:
+        axis.axis("off")
+    figure.tight_layout()
+    out = metrics_csv.with_name("learning_curves.png")
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out
+
+
+class VisionZooCLI(LightningCLI):
+    """LightningCLI with the links between task and data and the project's run layout."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.init_args.model_name", "data.init_args.model_name")
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "fit":
+            parser.add_argument("--test_after_fit", type=bool, default=True, help="test the best checkpoint after fit")
+        return parser
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
+        root = Path(config.get("default_root_dir") or os.getcwd())
+        if config.get("logger") in (None, True):
+            csv_logger = CSVLogger(root, name="logs")
+            config["logger"] = [csv_logger, TensorBoardLogger(root, name="logs", version=csv_logger.version)]
+        given = [*callbacks, *(config.get("callbacks") or [])]
+        if config.get("enable_checkpointing", True) is not False and not any(
+            isinstance(c, ModelCheckpoint) for c in given
+        ):
+            monitor = getattr(self.model, "monitor", None)
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=root / "checkpoints",
+                    filename="best-{epoch}-{step}",
+                    monitor=monitor,
+                    mode="min" if monitor and monitor.endswith("loss") else "max",
+                    save_last=True,
+                )
+            )
+        if config.get("enable_progress_bar", True) is not False and not any(
+            isinstance(c, RichProgressBar) for c in given
+        ):
+            callbacks.append(RichProgressBar())
+        callbacks.append(LearningCurves())
+        return super()._instantiate_trainer(config, callbacks)
+
+    def after_fit(self) -> None:
+        if not self.config.fit.get("test_after_fit", True) or self.trainer.interrupted:
+            return
+        try:  # visionzoo's data modules say clearly when a split is missing
+            self.datamodule.dataset("test")
+        except (ValueError, FileNotFoundError) as missing:
+            print(f"not testing after fit: {missing}")
+            return
+        checkpoint = self.trainer.checkpoint_callback
+        best = "best" if checkpoint is not None and checkpoint.best_model_path else None
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
+
+
+def run_cli(args: list[str]) -> int:
+    """Run ``visionzoo SUBCOMMAND ...`` (``args`` starts with the subcommand)."""
+    VisionZooCLI(
+        model_class=None,
+        datamodule_class=None,
+        args=args,
+        parser_kwargs={"prog": "visionzoo"},
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+    return 0
