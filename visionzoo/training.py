@@ -11,6 +11,10 @@ the task gets ``num_classes`` from the data. Unless the recipe says otherwise, a
 - a rich progress bar.
 
 ``fit`` then tests the best checkpoint when the data has a test split (``--test_after_fit false`` skips it).
+
+Recipes are code: a ``class_path`` names any importable class. Only classes under
+:data:`ALLOWED_NAMESPACES` are accepted, in config files before anything is imported and in the
+parsed configuration before anything is built, unless ``--allow_any_class_path`` is given.
 """
 
 from __future__ import annotations
@@ -18,17 +22,59 @@ from __future__ import annotations
 import csv
 import math
 import os
+import sys
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
+import yaml
+from jsonargparse import Namespace
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-__all__ = ["LearningCurves", "VisionZooCLI", "run_cli"]
+__all__ = ["ALLOWED_NAMESPACES", "LearningCurves", "UnsafeRecipeError", "VisionZooCLI", "check_class_paths", "run_cli"]
 
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
+ALLOWED_NAMESPACES = ("torch", "torchvision", "torchmetrics", "timm", "albumentations", "lightning",
+                      "pytorch_lightning", "visionzoo")  # fmt: skip
+ALLOW_ANY_FLAG = "--allow_any_class_path"
+
+
+class UnsafeRecipeError(ValueError):
+    """A recipe names a class outside :data:`ALLOWED_NAMESPACES`."""
+
+
+def _class_paths(node) -> Iterator[str]:
+    if isinstance(node, Namespace):
+        node = node.as_dict()
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "class_path" and isinstance(value, str):
+                yield value
+            else:
+                yield from _class_paths(value)
+    elif isinstance(node, list | tuple):
+        for item in node:
+            yield from _class_paths(item)
+
+
+def check_class_paths(config, source: str) -> None:
+    """Raise :class:`UnsafeRecipeError` for any ``class_path`` in ``config`` outside the allowed namespaces."""
+    for path in _class_paths(config):
+        if "." in path and path.split(".", 1)[0] not in ALLOWED_NAMESPACES:
+            raise UnsafeRecipeError(
+                f"{source}: class_path {path!r} is outside the namespaces a recipe may use "
+                f"({', '.join(ALLOWED_NAMESPACES)}); recipes are code: pass {ALLOW_ANY_FLAG} to run it anyway"
+            )
+
+
+def _config_files(args: list[str]) -> Iterator[str]:
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            yield args[i + 1]
+        elif arg.startswith("--config="):
+            yield arg.removeprefix("--config=")
 
 
 class LearningCurves(Callback):
@@ -82,7 +128,21 @@ def plot_learning_curves(metrics_csv: Path) -> Path | None:
 
 
 class VisionZooCLI(LightningCLI):
-    """LightningCLI with the links between task and data and the project's run layout."""
+    """LightningCLI with the links between task and data, the project's run layout, and class paths
+    restricted to :data:`ALLOWED_NAMESPACES` unless ``allow_any_class_path``."""
+
+    def __init__(self, *args, allow_any_class_path: bool = False, **kwargs):
+        self.allow_any_class_path = allow_any_class_path
+        super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        if not self.allow_any_class_path:
+            for path in _config_files(list(args or [])):
+                if Path(path).is_file():  # before jsonargparse imports anything the file names
+                    check_class_paths(yaml.safe_load(Path(path).read_text()), path)
+        super().parse_arguments(parser, args)
+        if not self.allow_any_class_path:
+            check_class_paths(self.config, "the command line")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.init_args.model_name", "data.init_args.model_name")
@@ -135,12 +195,17 @@ class VisionZooCLI(LightningCLI):
 
 def run_cli(args: list[str]) -> int:
     """Run ``visionzoo SUBCOMMAND ...`` (``args`` starts with the subcommand)."""
-    VisionZooCLI(
-        model_class=None,
-        datamodule_class=None,
-        args=args,
-        parser_kwargs={"prog": "visionzoo"},
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    try:
+        VisionZooCLI(
+            allow_any_class_path=ALLOW_ANY_FLAG in args,
+            args=[a for a in args if a != ALLOW_ANY_FLAG],
+            model_class=None,
+            datamodule_class=None,
+            parser_kwargs={"prog": "visionzoo"},
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )
+    except UnsafeRecipeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
