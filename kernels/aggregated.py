@@ -25,6 +25,11 @@ Backends:
   mask of the windows and both biases as a score modification; the learnable-token term
   is added outside. Only when forced (not yet measured on a GPU). On CPU it runs forward
   only and unfused (the full score matrix), so it declines there above 1 GiB of scores.
+- ``triton``: one fused kernel (``triton_aggregated.py``): window and pooled logits, both
+  biases, one online softmax, the learnable-token term and both value sums, with a fused
+  backward; no (queries x keys) matrix in memory. Head dims 16..128, float32/16, bfloat16.
+
+``auto`` picks ``triton`` on CUDA where it runs, else ``reference``; ``flex`` only when forced.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .dispatch import AUTO, Capability, KernelOp
+from .dispatch import AUTO, Capability, KernelOp, can_run_triton_on
 
 __all__ = [
     "aggregated_attention",
@@ -275,6 +280,31 @@ def aggregated_attention_flex(
     return out.reshape(batch, heads, height, width, dim) + extra
 
 
+def can_run_triton(
+    q, k, v, k_pool, v_pool, query_embedding, logit_scale, rpb, pool_bias, learnable_tokens, learnable_bias, *args
+) -> Capability:
+    verdict = can_run_triton_on(q, k, v, k_pool, v_pool)
+    if not verdict:
+        return verdict
+    tables = (query_embedding, logit_scale, rpb, pool_bias, learnable_tokens, learnable_bias)
+    if not all(t.is_floating_point() for t in tables):
+        return Capability.no("non-floating-point tables")
+    if any(t.device != q.device for t in tables):
+        return Capability.no("tensors on different devices")
+    if not 16 <= q.shape[-1] <= 128:
+        return Capability.no(f"head dim {q.shape[-1]} outside 16..128")
+    if q.shape[0] * q.shape[1] > 65535:
+        return Capability.no(f"batch x heads = {q.shape[0] * q.shape[1]} exceeds the launch grid's 65535")
+    return Capability.yes()
+
+
+@_op.register("triton", can_run_triton, auto_devices=("cuda",))
+def aggregated_attention_triton(*args):
+    from .triton_aggregated import aggregated_attention_triton as fused  # imports triton: only when called
+
+    return fused(*args)
+
+
 def aggregated_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -305,7 +335,8 @@ def aggregated_attention(
         learnable_tokens: ``(heads, head_dim, window_size**2)``.
         learnable_bias: ``(heads, window_size**2)``.
         window_size: odd window side.
-        backend: ``auto``, ``reference`` or ``flex``.
+        backend: ``auto`` (``triton`` on CUDA, else ``reference``), ``reference``, ``flex`` or
+            ``triton`` (on CPU only under ``TRITON_INTERPRET=1``).
     """
     return _op(
         q,

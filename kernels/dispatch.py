@@ -32,8 +32,10 @@ __all__ = [
     "BACKENDS",
     "ENV_VAR",
     "REFERENCE",
+    "TRITON_DTYPES",
     "Capability",
     "KernelOp",
+    "can_run_triton_on",
     "get_op",
     "is_exporting",
     "list_ops",
@@ -186,6 +188,30 @@ class KernelOp:
     def __call__(self, *args, backend: str = AUTO, **kwargs):
         name = self.choose(*args, backend=backend, **kwargs)
         return self._backends[name].fn(*args, **kwargs)
+
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def can_run_triton_on(*tensors: torch.Tensor | None) -> Capability:
+    """What every Triton backend needs of its tensors: triton installed, CUDA (or CPU under Triton's
+    interpreter, ``TRITON_INTERPRET=1``), one device, and one dtype among fp32, fp16 and bf16."""
+    import importlib.util
+
+    tensors = tuple(t for t in tensors if t is not None)
+    if importlib.util.find_spec("triton") is None:
+        return Capability.no("triton is not installed")
+    device = tensors[0].device
+    if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return Capability.no(f"triton runs on cuda (or on cpu with TRITON_INTERPRET=1), got {device.type}")
+    if any(t.device != device for t in tensors):
+        return Capability.no("tensors on different devices")
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1:
+        return Capability.no(f"mixed dtypes {sorted(map(str, dtypes))}")
+    if tensors[0].dtype not in TRITON_DTYPES:
+        return Capability.no(f"dtype {tensors[0].dtype} (float32, float16 or bfloat16 only)")
+    return Capability.yes()
 
 
 def get_op(name: str) -> KernelOp:

@@ -14,10 +14,13 @@ Tensors are ``(B, heads, H, W, head_dim)``. Backends:
 - ``natten``: ``natten.na2d`` (no RPB; forward only on CPU, where natten runs flex).
 - ``flex``: ``flex_attention`` with a block mask of the neighbourhoods and the RPB as a
   score modification (CUDA; forward only on CPU). Only when forced, for now.
+- ``triton``: fused forward and backward kernels (``triton_neighborhood.py``) with RPB and
+  dilation; fp32/fp16/bf16, head dims up to 128; CUDA, or CPU under ``TRITON_INTERPRET=1``.
 
 ``auto`` takes ``natten`` on CUDA when natten has its fused kernels (libnatten) and there is
-no RPB, else ``reference``: on CPU the reference was 8x (56x56) to 50x (112x112) faster
-than natten's and torch's flex paths, with 20-70x less memory (docs/benchmarks.md).
+no RPB, else ``triton`` on CUDA where it runs, else ``reference``: on CPU the reference was
+8x (56x56) to 50x (112x112) faster than natten's and torch's flex paths, with 20-70x less
+memory (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import functools
 
 import torch
 
-from .dispatch import AUTO, Capability, KernelOp, is_exporting
+from .dispatch import AUTO, Capability, KernelOp, can_run_triton_on, is_exporting
 
 __all__ = ["neighborhood_attention", "neighborhood_attention_reference", "neighborhood_windows"]
 
@@ -265,6 +268,29 @@ def neighborhood_attention_flex(q, k, v, kernel_size, dilation=1, rpb=None, scal
     return out.reshape(batch, heads, height, width, dim)
 
 
+def can_run_triton(q, k, v, kernel_size, dilation=1, rpb=None, scale=None) -> Capability:
+    verdict = can_run_triton_on(q, k, v, rpb)
+    if not verdict:
+        return verdict
+    if not q.shape == k.shape == v.shape:
+        return Capability.no("q, k and v differ in shape")
+    if q.shape[-1] > 128:
+        return Capability.no(f"head dim {q.shape[-1]} above 128")
+    if q.shape[0] * q.shape[1] > 65535:
+        return Capability.no("batch * heads above 65535 (a CUDA grid axis)")
+    return Capability.yes()
+
+
+# After natten and flex: natten's fused kernels keep priority where they run (no RPB).
+@_op.register("triton", can_run_triton, auto_devices=("cuda",))
+def neighborhood_attention_triton(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
+    from .triton_neighborhood import neighborhood_attention_triton as fused  # imports triton: only when called
+
+    _check_window(q.shape[2], kernel_size, dilation)
+    _check_window(q.shape[3], kernel_size, dilation)
+    return fused(q, k, v, kernel_size, dilation, rpb, scale)
+
+
 def neighborhood_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -285,6 +311,6 @@ def neighborhood_attention(
         dilation: spacing between the window's keys.
         rpb: relative position bias ``(heads, 2 * kernel_size - 1, 2 * kernel_size - 1)``.
         scale: logit scale; ``head_dim ** -0.5`` when None.
-        backend: ``auto``, ``reference``, ``natten`` or ``flex``.
+        backend: ``auto``, ``reference``, ``natten``, ``flex`` or ``triton``.
     """
     return _op(q, k, v, kernel_size, dilation, rpb, scale, backend=backend)

@@ -21,6 +21,11 @@ Backends:
   linear in tokens times ``topk`` for one chunk, whatever the map size.
 - ``flex``: ``flex_attention`` over region-major tokens with a ``BlockMask`` of the routed
   region pairs (CUDA; forward only on CPU). Only when forced, for now.
+- ``triton`` (``triton_routing.py``): one fused kernel per query tile that reads the routed keys
+  and values in place through the top-k index (online softmax, saves output and log-sum-exp),
+  and a deterministic backward (dQ per query tile; dK/dV per key tile over the inverted index).
+  fp32/fp16/bf16, head dims 16..128 (values may differ). ``auto`` picks it on CUDA; on CPU it
+  runs only when forced, under ``TRITON_INTERPRET=1``.
 
 :func:`bilevel_routing_attention_gather` is the official formulation (expand + ``torch.gather``
 of every routed region for every query region, autograd backward) for benchmarks; it is not
@@ -33,7 +38,7 @@ import functools
 
 import torch
 
-from .dispatch import AUTO, Capability, KernelOp, is_exporting
+from .dispatch import AUTO, Capability, KernelOp, can_run_triton_on, is_exporting
 
 __all__ = [
     "bilevel_routing_attention",
@@ -319,7 +324,26 @@ def bilevel_routing_attention(
         scale: logit scale of both levels; ``head_dim ** -0.5`` when None (BiFormer uses
             ``(heads * head_dim) ** -0.5``).
         valid_size: ``(h, w)`` of the real tokens at the top left; the rest is padding.
-        backend: ``auto``, ``reference`` or ``flex``.
+        backend: ``auto`` (``triton`` on CUDA when it can run, else ``reference``), ``reference``,
+            ``flex`` or ``triton``.
     """
     _check_grid(q.shape[2], q.shape[3], n_win)
     return _op(q, k, v, n_win, topk, scale, valid_size, backend=backend)
+
+
+def can_run_triton(q, k, v, n_win, topk, scale=None, valid_size=None) -> Capability:
+    verdict = can_run_triton_on(q, k, v)
+    if not verdict:
+        return verdict
+    if k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
+        return Capability.no(f"k must match q {tuple(q.shape)} and v all but its head dim, got {tuple(k.shape)}")
+    if not (16 <= q.shape[-1] <= 128 and 16 <= v.shape[-1] <= 128):
+        return Capability.no(f"head dims must lie in 16..128, got {q.shape[-1]} and {v.shape[-1]}")
+    return Capability.yes()
+
+
+@_op.register("triton", can_run_triton, auto_devices=("cuda",))
+def bilevel_routing_attention_triton(q, k, v, n_win, topk, scale=None, valid_size=None):
+    from .triton_routing import bilevel_routing_attention_triton as fused
+
+    return fused(q, k, v, n_win, topk, scale, valid_size)
