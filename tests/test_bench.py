@@ -40,6 +40,13 @@ def test_bench_cli_writes_csv(tiny_cases, tmp_path, capsys):
     assert len(path.read_text().splitlines()) == 3
 
 
+def test_bench_backend_filter_keeps_the_reference_baseline(tiny_cases):
+    rows = bench.bench_op("dense_attention", min_run_time=0.01, backward=False, backends=["reference"])
+    assert [r.backend for r in rows] == ["reference"]
+    rows = bench.bench_op("dense_attention", min_run_time=0.01, backward=False, backends=["sdpa"])
+    assert [r.backend for r in rows] == ["reference", "sdpa"]
+
+
 def test_bench_unknown_op_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown kernel op 'nope'"):
         bench.bench_op("nope")

@@ -256,12 +256,14 @@ def bench_op(
     batch: int | None = None,
     cases: list[str] | None = None,
     on_row: Callable[[OpTiming], None] | None = None,
+    backends: list[str] | None = None,
 ) -> list[OpTiming]:
     """Time every backend of op ``name`` that accepts its cases on ``device`` and ``dtype``.
 
     Args:
         batch: overrides each case's batch size.
         cases: only the cases whose label contains one of these strings.
+        backends: only these backends and alternative formulations (``reference``, the baseline, always runs).
         on_row: called with each row as soon as it is measured.
     """
     op, dev = get_op(name), torch.device(device)
@@ -273,13 +275,16 @@ def bench_op(
             continue
         case_batch = batch or case.batch
         args = case.make_args(dev, dtype, case_batch)
-        backends = [REFERENCE, *(b for b in op.backends if b != REFERENCE and op.supports(b, *args))]
+        chosen = [REFERENCE, *(b for b in op.backends if b != REFERENCE and op.supports(b, *args))]
         if dev.type != "cuda":  # Triton off CUDA is its interpreter (TRITON_INTERPRET=1): a test tool, not timed
-            backends = [b for b in backends if b != "triton"]
+            chosen = [b for b in chosen if b != "triton"]
         alternatives = OP_ALTERNATIVES.get(name, {})
+        chosen += list(alternatives)
+        if backends:
+            chosen = [b for b in chosen if b == REFERENCE or any(b.startswith(want) for want in backends)]
         for mode in ("forward", "forward+backward") if backward else ("forward",):
             reference = float("nan")
-            for backend in [*backends, *alternatives]:
+            for backend in chosen:
                 if backend in alternatives:
                     fn = _runner(alternatives[backend], args, None, backward=mode != "forward")
                 else:

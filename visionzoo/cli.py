@@ -63,7 +63,7 @@ def _bench(args: argparse.Namespace) -> int:
     for name in args.mixer or []:
         rows += bench_mixer(name, **common)
     for name in args.op or ([] if args.mixer else list(OP_CASES)):
-        rows += bench_op(name, cases=args.case, **common)
+        rows += bench_op(name, cases=args.case, backends=args.backend, **common)
     if args.csv:
         with open(args.csv, "w", newline="") as stream:
             write_csv(rows, stream)
@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--forward-only", action="store_true", help="skip the forward+backward (training) timings")
     bench.add_argument("--batch", type=int, help="override every case's batch size (models: default 32)")
     bench.add_argument("--case", action="append", help="only cases whose label contains this (repeatable)")
+    bench.add_argument("--backend", action="append", help="ops: only this backend or formulation (repeatable)")
     bench.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timed runs per figure")
     bench.add_argument("--csv", help="also write the rows to this CSV file")
     bench.add_argument("--chart", help="models: also draw throughput against GMACs into this PNG")
