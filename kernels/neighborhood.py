@@ -143,7 +143,7 @@ class _NeighborhoodAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, weights, rows, cols = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
+        grad_out = grad_out.to(q.dtype).contiguous()  # under autocast it may arrive in another precision
         grad_weights = _window_dots(grad_out, v, rows, cols)
         grad_v = _window_scatter(weights, grad_out, rows, cols)
         grad_logits = weights * (grad_weights - (weights * grad_weights).sum((-2, -1), keepdim=True))
@@ -159,6 +159,7 @@ def neighborhood_attention_reference(q, k, v, kernel_size, dilation=1, rpb=None,
     rows, bias_rows = neighborhood_windows(height, kernel_size, dilation, q.device)
     cols, bias_cols = neighborhood_windows(width, kernel_size, dilation, q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k, v = k.to(q.dtype), v.to(q.dtype)  # one precision throughout (autocast may mix them)
     bias = None if rpb is None else _gathered_bias(rpb, bias_rows, bias_cols).to(q.dtype)
     if _needs_grad(q, k, v, bias) and not is_exporting():
         return _NeighborhoodAttention.apply(q, k, v, bias, rows, cols, scale)
@@ -269,9 +270,11 @@ def neighborhood_attention_flex(q, k, v, kernel_size, dilation=1, rpb=None, scal
 
 
 def can_run_triton(q, k, v, kernel_size, dilation=1, rpb=None, scale=None) -> Capability:
-    verdict = can_run_triton_on(q, k, v, rpb)
+    verdict = can_run_triton_on(q, k, v)
     if not verdict:
         return verdict
+    if rpb is not None and (rpb.device != q.device or not rpb.is_floating_point()):
+        return Capability.no("rpb must be a floating-point table on the device of q")  # any precision: read as fp32
     if not q.shape == k.shape == v.shape:
         return Capability.no("q, k and v differ in shape")
     if q.shape[-1] > 128:

@@ -209,3 +209,13 @@ def test_mixer_exports_to_onnx_through_the_reference(tmp_path):
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(out), mixer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_reference_trains_with_mixed_precision_inputs():
+    """Under autocast the activations are half precision and the table float32; the output and every
+    gradient keep their input's dtype."""
+    q, k, v, rpb = _inputs(9, 10, 3, True, dtype=torch.bfloat16)
+    rpb = rpb.detach().float().requires_grad_()
+    out = neighborhood_attention(q, k, v, 3, 1, rpb, backend="reference")
+    out.float().square().sum().backward()
+    assert out.dtype == torch.bfloat16 and rpb.grad.dtype == torch.float32 and q.grad.dtype == torch.bfloat16

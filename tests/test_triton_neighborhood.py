@@ -82,6 +82,13 @@ def test_interpreter_matches_reference_fp16(size, kernel_size, dilation):
 
 
 @interpreter
+def test_interpreter_fp16_attention_with_an_fp32_table_as_under_autocast():
+    q, k, v, table = _inputs(1, 1, (6, 7), 16, 3, torch.float16)
+    table = table.detach().float().requires_grad_()  # a float32 parameter beside fp16 activations
+    _check_against_reference([q, k, v, table], 3, 1, torch.float32, TOL[torch.float16])
+
+
+@interpreter
 def test_interpreter_custom_scale_and_frozen_rpb():
     """A table that needs no gradient (frozen or converted checkpoint) and a non-default scale."""
     inputs = _inputs(1, 1, (7, 6), 16, 3, torch.float32, rpb_grad=False)
@@ -117,7 +124,7 @@ def test_triton_declines_with_reasons(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors: the interpreter, also on a GPU machine
     q, k, v, rpb = _inputs(1, 1, (8, 8), 16, 3, torch.float32)
     assert "float64" in NA.supports("triton", q.double(), k.double(), v.double(), 3, 1, None).reason
-    assert "mixed dtypes" in NA.supports("triton", q, k, v, 3, 1, rpb.half()).reason
+    assert NA.supports("triton", q, k, v, 3, 1, rpb.half()), "the table is read as fp32 in any precision"
     assert "mixed dtypes" in NA.supports("triton", q, k.half(), v, 3, 1, None).reason
     big = torch.randn(1, 1, 8, 8, 160)
     assert "head dim 160 above 128" in NA.supports("triton", big, big, big, 3, 1, None).reason

@@ -541,24 +541,39 @@ def bench_model(
     batch: int = 32,
     train: bool = True,
     min_run_time: float = 1.0,
+    autocast: torch.dtype | None = None,
 ) -> ModelTiming:
     """Latency at batch 1, inference and training throughput at ``batch``, peak memory, params and GMACs.
 
     Any timm model works (ours run their default kernel backends; GMACs use the reference ones).
+    ``autocast`` (``torch.float16``/``bfloat16``) runs the timed calls under mixed precision.
     """
     dev = torch.device(device)
     model = timm.create_model(name).to(dev).eval()
     size = tuple(input_size or model.pretrained_cfg["input_size"][1:])
     gmacs = _gmacs(model, size)
     one, many = (torch.randn(n, 3, *size, device=dev) for n in (1, batch))
-    latency, latency_iqr, _ = _time(_module_runner(model, one, backward=False), dev, min_run_time)
-    infer_ms, _, infer_peak = _time(_module_runner(model, many, backward=False), dev, min_run_time)
+
+    def timed(x: torch.Tensor, backward: bool) -> tuple[float, float, float | None]:
+        run = _module_runner(model, x, backward)
+        if autocast is None:
+            return _time(run, dev, min_run_time)
+
+        def mixed():
+            with torch.autocast(dev.type, dtype=autocast):
+                run()
+
+        return _time(mixed, dev, min_run_time)
+
+    latency, latency_iqr, _ = timed(one, backward=False)
+    infer_ms, _, infer_peak = timed(many, backward=False)
     train_img_s = train_peak = None
     if train:
-        train_ms, _, train_peak = _time(_module_runner(model, many, backward=True), dev, min_run_time)
+        train_ms, _, train_peak = timed(many, backward=True)
         train_img_s = batch / train_ms * 1e3
+    device_name = str(dev) if autocast is None else f"{dev}, {str(autocast).removeprefix('torch.')} autocast"
     return ModelTiming(
-        name, str(dev), size, batch, sum(p.numel() for p in model.parameters()), gmacs,
+        name, device_name, size, batch, sum(p.numel() for p in model.parameters()), gmacs,
         latency, latency_iqr, batch / infer_ms * 1e3, train_img_s, infer_peak, train_peak,
     )  # fmt: skip
 

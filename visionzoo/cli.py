@@ -27,12 +27,15 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _bench_models(args: argparse.Namespace) -> int:
+    import torch
+
     from visionzoo.bench import bench_model, format_model_timings, plot_model_timings, write_model_csv
 
     names = [*args.models, *(args.compare or [])]
     size = tuple(args.img_size) if args.img_size else None
     batch = args.batch or 32
-    rows = [bench_model(n, args.device, size, batch, not args.forward_only, args.min_run_time) for n in names]
+    autocast = None if args.dtype == "float32" else getattr(torch, args.dtype)  # models: mixed precision
+    rows = [bench_model(n, args.device, size, batch, not args.forward_only, args.min_run_time, autocast) for n in names]
     print(format_model_timings(rows, baseline=args.compare[0] if args.compare else None))
     if args.csv:
         with open(args.csv, "w", newline="") as stream:
@@ -129,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--op", action="append", help="kernel op to time (repeatable; default: all with cases)")
     bench.add_argument("--mixer", action="append", help="mixer to time against timm's layer (repeatable)")
     bench.add_argument("--device", default="cpu")
-    bench.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    bench.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                       help="ops: the inputs' dtype; models: autocast to it (default float32)")  # fmt: skip
     bench.add_argument("--forward-only", action="store_true", help="skip the forward+backward (training) timings")
     bench.add_argument("--batch", type=int, help="override every case's batch size (models: default 32)")
     bench.add_argument("--case", action="append", help="only cases whose label contains this (repeatable)")

@@ -23,6 +23,7 @@ import csv
 import math
 import os
 import sys
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,6 +196,7 @@ class VisionZooCLI(LightningCLI):
 
 def run_cli(args: list[str]) -> int:
     """Run ``visionzoo SUBCOMMAND ...`` (``args`` starts with the subcommand)."""
+    warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended", UserWarning)  # `main` passes argv
     try:
         VisionZooCLI(
             allow_any_class_path=ALLOW_ANY_FLAG in args,
