@@ -147,6 +147,7 @@ class _NeighborhoodAttention(torch.autograd.Function):
         grad_weights = _window_dots(grad_out, v, rows, cols)
         grad_v = _window_scatter(weights, grad_out, rows, cols)
         grad_logits = weights * (grad_weights - (weights * grad_weights).sum((-2, -1), keepdim=True))
+        grad_logits = grad_logits.to(q.dtype)  # a backward under autocast sums in float32
         grad_q = _window_sums(grad_logits, k, rows, cols) * ctx.scale
         grad_k = _window_scatter(grad_logits, q * ctx.scale, rows, cols)
         grad_bias = grad_logits.sum(0) if ctx.has_bias else None

@@ -366,12 +366,13 @@ def aggregated_attention_triton(
     _check_window(window_size)
     heads, pool_len = q.shape[1], k_pool.shape[2]
     q_norm, q_hat = _scaled_queries(q, query_embedding, logit_scale, window_size, pool_len)
+    dtype = q.dtype  # under autocast the normalisations and the fp32 tables give float32: one dtype for the dots
     return _AggregatedAttention.apply(
-        q_hat.to(q.dtype).contiguous(),
-        q_norm.contiguous(),
-        F.normalize(k, dim=-1).contiguous(),
+        q_hat.to(dtype).contiguous(),
+        q_norm.to(dtype).contiguous(),
+        F.normalize(k, dim=-1).to(dtype).contiguous(),
         v.contiguous(),
-        F.normalize(k_pool, dim=-1).contiguous(),
+        F.normalize(k_pool, dim=-1).to(dtype).contiguous(),
         v_pool.contiguous(),
         rpb.reshape(heads, -1).contiguous(),
         pool_bias.contiguous(),

@@ -107,3 +107,8 @@ def test_bench_model_figures_are_consistent():
     timing = bench.bench_model("resnet18", input_size=(32, 32), batch=2, train=False, min_run_time=0.01)
     assert timing.params == 11_689_512 and timing.train_img_s is None
     assert timing.latency_ms > 0 and timing.infer_img_s > 0 and 0.03 < timing.gmacs < 0.04  # 1.82 GMACs * (32/224)^2
+
+
+def test_bench_model_under_autocast():
+    timing = bench.bench_model("resnet18", input_size=(32, 32), batch=2, min_run_time=0.01, autocast=torch.bfloat16)
+    assert timing.device == "cpu, bfloat16 autocast" and timing.train_img_s > 0

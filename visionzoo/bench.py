@@ -11,6 +11,7 @@ reference kernels (whose matmuls it sees), attention included.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import ctypes
 import dataclasses
@@ -415,14 +416,28 @@ def bench_mixer(
     return rows
 
 
-def _module_runner(module: nn.Module, x: torch.Tensor, backward: bool) -> Callable[[], None]:
+def _module_runner(
+    module: nn.Module, x: torch.Tensor, backward: bool, autocast: torch.dtype | None = None
+) -> Callable[[], None]:
+    """One inference, or one training forward+backward, of ``module`` on ``x``; the forward under
+    mixed precision when ``autocast`` is given (the backward outside it, as in AMP training)."""
+
+    def context():
+        return torch.autocast(x.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+
     if backward:
         module.train()
-        return lambda: module(x).sum().backward()
+
+        def step():
+            with context():
+                loss = module(x).float().sum()
+            loss.backward()
+
+        return step
     module.eval()
 
     def forward():
-        with torch.no_grad():
+        with torch.no_grad(), context():
             module(x)
 
     return forward
@@ -555,15 +570,7 @@ def bench_model(
     one, many = (torch.randn(n, 3, *size, device=dev) for n in (1, batch))
 
     def timed(x: torch.Tensor, backward: bool) -> tuple[float, float, float | None]:
-        run = _module_runner(model, x, backward)
-        if autocast is None:
-            return _time(run, dev, min_run_time)
-
-        def mixed():
-            with torch.autocast(dev.type, dtype=autocast):
-                run()
-
-        return _time(mixed, dev, min_run_time)
+        return _time(_module_runner(model, x, backward, autocast), dev, min_run_time)
 
     latency, latency_iqr, _ = timed(one, backward=False)
     infer_ms, _, infer_peak = timed(many, backward=False)
