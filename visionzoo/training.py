@@ -8,7 +8,9 @@ the task gets ``num_classes`` from the data. Unless the recipe says otherwise, a
 - ``checkpoints/last.ckpt`` (every epoch; ``--ckpt_path last`` resumes from it) and the best
   checkpoint by the task's validation metric;
 - CSV and TensorBoard logs under ``logs/``, and ``learning_curves.png`` beside the CSV at the end of ``fit``;
-- a rich progress bar.
+- a rich progress bar;
+- checkpoints written atomically (a temporary file renamed into place), and a stop with the step
+  named at a NaN/Inf loss, before it reaches the weights.
 
 ``fit`` then tests the best checkpoint when the data has a test split (``--test_after_fit false`` skips it).
 
@@ -34,8 +36,19 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-__all__ = ["ALLOWED_NAMESPACES", "LearningCurves", "UnsafeRecipeError", "VisionZooCLI", "check_class_paths", "run_cli"]
+__all__ = [
+    "ALLOWED_NAMESPACES",
+    "AtomicCheckpointIO",
+    "LearningCurves",
+    "NonFiniteLossError",
+    "StopOnNonFiniteLoss",
+    "UnsafeRecipeError",
+    "VisionZooCLI",
+    "check_class_paths",
+    "run_cli",
+]
 
 ALLOWED_NAMESPACES = ("torch", "torchvision", "torchmetrics", "timm", "albumentations", "lightning",
                       "pytorch_lightning", "visionzoo")  # fmt: skip
@@ -128,6 +141,35 @@ def plot_learning_curves(metrics_csv: Path) -> Path | None:
     return out
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A NaN or infinite training loss."""
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Stops training at a NaN/Inf loss before its backward pass touches the weights, naming the step;
+    the checkpoints on disk are the last good ones."""
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss) -> None:
+        if not bool(loss.detach().isfinite().all()):
+            checkpoint = trainer.checkpoint_callback
+            last = getattr(checkpoint, "last_model_path", "") or "none yet"
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) at global step {trainer.global_step} "
+                f"(epoch {trainer.current_epoch}); last good checkpoint: {last}"
+            )
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside it and renames it into place, so an
+    interrupted write never leaves a partial ``last.ckpt`` for ``--ckpt_path last`` to pick up."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        partial = path.with_name(f".{path.name}.partial")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        os.replace(partial, path)
+
+
 class VisionZooCLI(LightningCLI):
     """LightningCLI with the links between task and data, the project's run layout, and class paths
     restricted to :data:`ALLOWED_NAMESPACES` unless ``allow_any_class_path``."""
@@ -178,7 +220,9 @@ class VisionZooCLI(LightningCLI):
             isinstance(c, RichProgressBar) for c in given
         ):
             callbacks.append(RichProgressBar())
-        callbacks.append(LearningCurves())
+        callbacks += [LearningCurves(), StopOnNonFiniteLoss()]
+        if not config.get("plugins"):
+            config["plugins"] = [AtomicCheckpointIO()]
         return super()._instantiate_trainer(config, callbacks)
 
     def after_fit(self) -> None:
@@ -210,4 +254,7 @@ def run_cli(args: list[str]) -> int:
     except UnsafeRecipeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
     return 0
