@@ -206,3 +206,13 @@ def test_recipes_may_only_name_allowed_namespaces(tmp_path, monkeypatch, capsys)
     with pytest.raises(SystemExit) as printed:  # the explicit flag lets the file through
         main(["fit", "--config", str(path), "--allow_any_class_path", "--print_config"])
     assert printed.value.code == 0 and "outside_namespace.Payload" in capsys.readouterr().out
+
+
+def test_a_recipe_that_cannot_be_built_says_why_in_one_line(tmp_path, capsys):
+    quickstart = ["fit", "--config", str(recipe_path("classification/quickstart.yaml"))]
+    assert main([*quickstart, f"--data.init_args.root={tmp_path / 'missing'}"]) == 2
+    err = capsys.readouterr().err
+    assert "data root" in err and "does not exist" in err and "Traceback" not in err
+    (tmp_path / "one" / "train" / "only_class").mkdir(parents=True)
+    assert main([*quickstart, f"--data.init_args.root={tmp_path / 'one'}", "--data.init_args.format=imagefolder"]) == 2
+    assert "at least 2 classes, got 1" in capsys.readouterr().err

@@ -43,6 +43,7 @@ __all__ = [
     "AtomicCheckpointIO",
     "LearningCurves",
     "NonFiniteLossError",
+    "RecipeError",
     "StopOnNonFiniteLoss",
     "UnsafeRecipeError",
     "VisionZooCLI",
@@ -55,7 +56,12 @@ ALLOWED_NAMESPACES = ("torch", "torchvision", "torchmetrics", "timm", "albumenta
 ALLOW_ANY_FLAG = "--allow_any_class_path"
 
 
-class UnsafeRecipeError(ValueError):
+class RecipeError(ValueError):
+    """A recipe that cannot be built: the message is the root cause (a missing data path, an empty
+    split, a bad transform, ...), without jsonargparse's wrapping."""
+
+
+class UnsafeRecipeError(RecipeError):
     """A recipe names a class outside :data:`ALLOWED_NAMESPACES`."""
 
 
@@ -187,6 +193,15 @@ class VisionZooCLI(LightningCLI):
         if not self.allow_any_class_path:
             check_class_paths(self.config, "the command line")
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
+            root = error
+            while root.__cause__ is not None:
+                root = root.__cause__
+            raise RecipeError(f"the recipe could not be built: {type(root).__name__}: {root}") from error
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.init_args.model_name", "data.init_args.model_name")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
@@ -251,7 +266,7 @@ def run_cli(args: list[str]) -> int:
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
         )
-    except UnsafeRecipeError as error:
+    except RecipeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLossError as error:

@@ -45,6 +45,8 @@ class ClassificationTask(VisionTask):
         mix_prob: float = 1.0,
         **training: Any,
     ):
+        if num_classes < 2:
+            raise ValueError(f"classification needs at least 2 classes, got {num_classes} (the data's class count)")
         super().__init__(**training)
         self.attach(
             timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **(model_kwargs or {}))
