@@ -48,7 +48,7 @@ models-doc: install
 	  printf 'pass at batch 1 counted by torch.utils.flop_counter with the reference kernels (GMACs are what the papers\n'; \
 	  printf 'call FLOPs: NAT/DiNAT 2.7 / 4.3 / 7.8 / 13.7 G for mini / tiny / small / base, BiFormer 2.2 / 4.5 / 9.8 G\n'; \
 	  printf 'for tiny / small / base, TransNeXt 2.7 / 5.7 / 10.3 / 18.4 G for micro / tiny / small / base), the\n'; \
-	  printf 'smallest input, and the token mixers of each stage.\n\n'; \
+	  printf 'smallest input, the token mixers of each stage, and the ImageNet-1K top-1 its paper reports at 224.\n\n'; \
 	  $(PY) -m visionzoo.cli stats 2>/dev/null; } > docs/models.md
 
 # The README demo: Fashion-MNIST (Debian's dataset-fashion-mnist), the quickstart recipe, its test accuracy,
