@@ -34,15 +34,17 @@ class VisionDataModule(pl.LightningDataModule):
         model_name: a timm model whose pretrained cfg gives mean, std, input size and eval crop.
         image_size: input size (H, W) or a side; None: the model's.
         mean, std: override the model's normalisation.
-        batch_size: samples per batch.
+        batch_size: samples per batch; None: the module's ``default_batch_size``.
         num_workers: loader processes (persistent when > 0).
         pin_memory: None: when CUDA is available.
         train_transforms, eval_transforms: albumentations pipelines as ``[{name: ..., **args}]``; None: the
             task's defaults. Normalisation and tensor conversion are appended by the module.
-        predict_split: which split ``predict_dataloader`` serves.
+        predict_split: which split ``predict_dataloader`` serves; None: the module's ``default_predict_split``.
     """
 
     layout: str = ""
+    default_batch_size: int = 32
+    default_predict_split: Split = "test"
 
     def __init__(
         self,
@@ -52,14 +54,16 @@ class VisionDataModule(pl.LightningDataModule):
         image_size: int | tuple[int, int] | None = None,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool | None = None,
         train_transforms: list[dict[str, Any]] | None = None,
         eval_transforms: list[dict[str, Any]] | None = None,
-        predict_split: Split = "test",
+        predict_split: Split | None = None,
     ):
         super().__init__()
+        batch_size = self.default_batch_size if batch_size is None else batch_size
+        predict_split = predict_split or self.default_predict_split
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(

@@ -136,16 +136,7 @@ class ClassificationData(VisionDataModule):
         format: Literal["imagefolder", "idx"] = "imagefolder",
         val_fraction: float = 0.1,
         seed: int = 0,
-        model_name: str | None = None,
-        image_size: int | tuple[int, int] | None = None,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        pin_memory: bool | None = None,
-        train_transforms: list[dict[str, Any]] | None = None,
-        eval_transforms: list[dict[str, Any]] | None = None,
-        predict_split: Split = "test",
+        **kwargs: Any,
     ):
         if format not in ("imagefolder", "idx"):
             raise ValueError(f"format must be 'imagefolder' or 'idx', got {format!r}")
@@ -157,19 +148,7 @@ class ClassificationData(VisionDataModule):
             if format == "idx"
             else "expected an ImageFolder tree root/train/<class>/<image>, optional root/val/ and root/test/"
         )
-        super().__init__(
-            root,
-            model_name=model_name,
-            image_size=image_size,
-            mean=mean,
-            std=std,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            train_transforms=train_transforms,
-            eval_transforms=eval_transforms,
-            predict_split=predict_split,
-        )
+        super().__init__(root, **kwargs)
         self.save_hyperparameters()
         self.format = format
         self.val_fraction = val_fraction

@@ -139,6 +139,7 @@ class DetectionData(VisionDataModule):
     """
 
     layout = "expected COCO JSON files and image folders at the annotation/image paths given (relative to root)"
+    default_batch_size = 2
 
     def __init__(
         self,
@@ -150,30 +151,9 @@ class DetectionData(VisionDataModule):
         test_annotations: str | None = None,
         test_images: str | None = None,
         with_masks: bool = False,
-        model_name: str | None = None,
-        image_size: int | tuple[int, int] | None = None,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
-        batch_size: int = 2,
-        num_workers: int = 0,
-        pin_memory: bool | None = None,
-        train_transforms: list[dict[str, Any]] | None = None,
-        eval_transforms: list[dict[str, Any]] | None = None,
-        predict_split: Split = "test",
+        **kwargs: Any,
     ):
-        super().__init__(
-            root,
-            model_name=model_name,
-            image_size=image_size,
-            mean=mean,
-            std=std,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            train_transforms=train_transforms,
-            eval_transforms=eval_transforms,
-            predict_split=predict_split,
-        )
+        super().__init__(root, **kwargs)
         self.save_hyperparameters()
         self.with_masks = with_masks
         self.splits: dict[str, tuple[str, str]] = {"train": (train_annotations, train_images)}

@@ -130,41 +130,23 @@ class SegmentationData(VisionDataModule):
         **kwargs: see :class:`~visionzoo.data.base.VisionDataModule`.
     """
 
+    default_batch_size = 8
+    default_predict_split = "val"
+
     def __init__(
         self,
         root: str,
         layout: Literal["ade20k", "voc"] = "ade20k",
         num_classes: int | None = None,
         ignore_index: int = 255,
-        model_name: str | None = None,
-        image_size: int | tuple[int, int] | None = None,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        pin_memory: bool | None = None,
-        train_transforms: list[dict[str, Any]] | None = None,
-        eval_transforms: list[dict[str, Any]] | None = None,
-        predict_split: Split = "val",
+        **kwargs: Any,
     ):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
         if not 0 <= ignore_index <= 255:
             raise ValueError(f"ignore_index must be in 0..255 (masks are uint8 in the pipeline), got {ignore_index}")
         self.layout = LAYOUTS[layout]
-        super().__init__(
-            root,
-            model_name=model_name,
-            image_size=image_size,
-            mean=mean,
-            std=std,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            train_transforms=train_transforms,
-            eval_transforms=eval_transforms,
-            predict_split=predict_split,
-        )
+        super().__init__(root, **kwargs)
         self.save_hyperparameters(ignore=["num_classes"])  # the task logs the resolved count
         self.layout_name = layout
         self.ignore_index = ignore_index
