@@ -76,7 +76,6 @@ class ClassificationTask(VisionTask):
         else:
             loss = F.cross_entropy(self.model(images), labels, label_smoothing=self.hparams.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
     def _evaluate(self, batch, stage: str) -> None:

@@ -62,7 +62,6 @@ class SegmentationTask(VisionTask):
             self.log("train/aux_loss", aux)
             loss = loss + self.hparams.aux_weight * aux
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
     def _evaluate(self, batch, metrics, stage: str) -> None:
