@@ -218,9 +218,9 @@ class VisionZooCLI(LightningCLI):
             csv_logger = CSVLogger(root, name="logs")
             config["logger"] = [csv_logger, TensorBoardLogger(root, name="logs", version=csv_logger.version)]
         given = [*callbacks, *(config.get("callbacks") or [])]
-        if config.get("enable_checkpointing", True) is not False and not any(
-            isinstance(c, ModelCheckpoint) for c in given
-        ):
+        # Lightning 2.6's save_last writes last.ckpt at train end even under fast_dev_run, which should save nothing
+        wants_checkpoints = config.get("enable_checkpointing", True) is not False and not config.get("fast_dev_run")
+        if wants_checkpoints and not any(isinstance(c, ModelCheckpoint) for c in given):
             monitor = getattr(self.model, "monitor", None)
             callbacks.append(
                 ModelCheckpoint(
