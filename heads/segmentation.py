@@ -82,13 +82,37 @@ class DecodeHead(nn.Module):
         return self.classifier(self.dropout(self.decode([features[i] for i in self.in_index])))
 
 
+def _pooling_matrix(size: torch.Tensor, bins: int, like: torch.Tensor) -> torch.Tensor:
+    """``(bins, size)`` weights of adaptive average pooling: bin ``i`` averages ``[floor(i*size/bins),
+    ceil((i+1)*size/bins))``, as ``F.adaptive_avg_pool2d`` does."""
+    index = torch.arange(bins, device=like.device)[:, None]
+    start = torch.div(index * size, bins, rounding_mode="floor")
+    end = torch.div((index + 1) * size + bins - 1, bins, rounding_mode="floor")
+    position = torch.arange(size, device=like.device)[None]
+    inside = ((position >= start) & (position < end)).to(like.dtype)
+    return inside / inside.sum(dim=1, keepdim=True)
+
+
+class AdaptiveAvgPool(nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d`` that also exports to ONNX with a dynamic input size (the exporter refuses the
+    operator then): under export, the same average as two pooling matrices."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.onnx.is_in_onnx_export():
+            return super().forward(x)
+        bins_h, bins_w = (self.output_size, self.output_size) if isinstance(self.output_size, int) else self.output_size
+        rows = _pooling_matrix(torch.tensor(x.shape[-2]), bins_h, x)
+        cols = _pooling_matrix(torch.tensor(x.shape[-1]), bins_w, x)
+        return rows @ x @ cols.transpose(0, 1)
+
+
 class PyramidPooling(nn.Module):
     """PSPNet's pyramid pooling: pool to each scale, 1x1 conv, upsample back, concat with the input, 3x3 conv."""
 
     def __init__(self, in_channels: int, channels: int, pool_scales: Sequence[int], norm_layer: NormLayer):
         super().__init__()
         self.levels = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(scale), conv_norm_act(in_channels, channels, 1, norm_layer))
+            nn.Sequential(AdaptiveAvgPool(scale), conv_norm_act(in_channels, channels, 1, norm_layer))
             for scale in pool_scales
         )
         self.bottleneck = conv_norm_act(in_channels + len(pool_scales) * channels, channels, 3, norm_layer)

@@ -112,3 +112,15 @@ def test_bench_model_figures_are_consistent():
 def test_bench_model_under_autocast():
     timing = bench.bench_model("resnet18", input_size=(32, 32), batch=2, min_run_time=0.01, autocast=torch.bfloat16)
     assert timing.device == "cpu, bfloat16 autocast" and timing.train_img_s > 0
+
+
+def test_chart_against_the_papers_top1_leaves_out_models_without_one(tmp_path):
+    def timing(model, img_s):
+        return bench.ModelTiming(model, "cpu", (224, 224), 32, 1, 4.5, 10.0, 1.0, img_s, None, None, None)
+
+    chart = tmp_path / "top1.png"
+    rows = [timing("nat_tiny", 100.0), timing("convnext_tiny", 300.0), timing("mixvit_tiny", 200.0)]
+    assert bench.plot_model_timings(rows, str(chart), against="top1") == ["mixvit_tiny"]
+    assert chart.read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(ValueError, match="'gmacs' or 'top1'"):
+        bench.plot_model_timings(rows, str(chart), against="params")

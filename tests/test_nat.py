@@ -147,6 +147,21 @@ def test_official_checkpoint_loads_and_matches_official_forward(name, size, tmp_
         torch.testing.assert_close(model(x), official_forward(name, official, x), atol=1e-9, rtol=1e-9)
 
 
+def test_load_model_maps_an_official_release_through_the_family_filter(tmp_path):
+    from visionzoo.export import load_model
+
+    official = official_state_dict("nat_mini", torch.Generator().manual_seed(0))
+    torch.save({"model": official}, tmp_path / "nat_mini_official.pth")
+    model = load_model("nat_mini", tmp_path / "nat_mini_official.pth").double()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), official_forward("nat_mini", official, x), atol=1e-9, rtol=1e-9)
+    del official["levels.3.blocks.4.mlp.fc2.bias"]
+    torch.save(official, tmp_path / "damaged.pth")
+    with pytest.raises(ValueError, match=r"does not fit nat_mini: 1 missing keys \['stages\.3\.blocks\.4\.mlp\.fc2"):
+        load_model("nat_mini", tmp_path / "damaged.pth")
+
+
 def test_filter_passes_our_own_layout_through():
     from visionzoo.backbones.nat import checkpoint_filter_fn
 

@@ -453,13 +453,15 @@ def write_csv(rows: list[OpTiming], stream: TextIO) -> None:
     writer.writerows(dataclasses.asdict(r) for r in rows)
 
 
-# ImageNet-1K top-1 (%) at 224x224 as each paper reports it (NAT, DiNAT, BiFormer and TransNeXt tables);
-# our models are untrained or converted from these checkpoints.
+# ImageNet-1K top-1 (%) at 224x224 as each paper reports it (NAT, DiNAT, BiFormer and TransNeXt tables;
+# ConvNeXt, Swin, MaxViT and DaViT for the timm models we compare with); our models are untrained or
+# converted from these checkpoints.
 PAPER_TOP1: dict[str, float] = {
     "nat_mini": 81.8, "nat_tiny": 83.2, "nat_small": 83.7, "nat_base": 84.3,
     "dinat_mini": 81.8, "dinat_tiny": 82.7, "dinat_small": 83.8, "dinat_base": 84.4,
     "biformer_tiny": 81.4, "biformer_small": 83.8, "biformer_base": 84.3,
     "transnext_micro": 82.5, "transnext_tiny": 84.0, "transnext_small": 84.7, "transnext_base": 84.8,
+    "convnext_tiny": 82.1, "swin_tiny_patch4_window7_224": 81.3, "maxvit_tiny_tf_224": 83.6, "davit_tiny": 82.8,
 }  # fmt: skip
 
 
@@ -615,24 +617,35 @@ def format_model_timings(rows: list[ModelTiming], baseline: str | None = None) -
     return "\n".join(lines)
 
 
-def plot_model_timings(rows: list[ModelTiming], path: str) -> None:
-    """PNG chart of inference throughput against GMACs, one labelled point per model."""
+def plot_model_timings(rows: list[ModelTiming], path: str, against: str = "gmacs") -> list[str]:
+    """PNG chart of inference throughput against GMACs or the paper's ImageNet top-1 (``against="top1"``:
+    models without a published top-1 in :data:`PAPER_TOP1` are left out), one labelled point per model.
+    Returns the models left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        axis.scatter(r.gmacs, r.infer_img_s)
-        axis.annotate(r.model, (r.gmacs, r.infer_img_s), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if against not in ("gmacs", "top1"):
+        raise ValueError(f"chart against 'gmacs' or 'top1', not {against!r}")
     first = rows[0]
-    axis.set_xlabel(f"GMACs at {first.input_size[0]}x{first.input_size[1]}")
+    points = {r.model: (r.gmacs if against == "gmacs" else PAPER_TOP1.get(r.model), r.infer_img_s) for r in rows}
+    left_out = [model for model, (x, _) in points.items() if x is None]
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for model, (x, y) in points.items():
+        if x is not None:
+            axis.scatter(x, y)
+            axis.annotate(model, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if against == "gmacs":
+        axis.set_xlabel(f"GMACs at {first.input_size[0]}x{first.input_size[1]}")
+    else:
+        axis.set_xlabel("ImageNet-1K top-1 (%) reported by the paper")
     axis.set_ylabel(f"inference img/s (batch {first.batch}, {first.device})")
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+    return left_out
 
 
 def write_model_csv(rows: list[ModelTiming], stream: TextIO) -> None:

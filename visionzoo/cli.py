@@ -41,7 +41,9 @@ def _bench_models(args: argparse.Namespace) -> int:
         with open(args.csv, "w", newline="") as stream:
             write_model_csv(rows, stream)
     if args.chart:
-        plot_model_timings(rows, args.chart)
+        left_out = plot_model_timings(rows, args.chart, args.chart_x)
+        if left_out:
+            print(f"not in {args.chart}: {', '.join(left_out)} (no paper top-1)")
     return 0
 
 
@@ -87,23 +89,35 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from visionzoo.export import check_onnx, export_onnx, fixed_size_reasons, load_model
+    from visionzoo.export import (
+        check_onnx,
+        default_input_size,
+        export_onnx,
+        fixed_size_reasons,
+        is_detector,
+        load_model,
+    )
 
     try:
         model = load_model(args.model, args.checkpoint)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    size = tuple(args.img_size or model.pretrained_cfg["input_size"][1:])
+    size = tuple(args.img_size or default_input_size(model))
     name = args.model or model.pretrained_cfg.get("architecture", "model")
+    if not hasattr(model, "num_classes"):  # a detector or a segmenter over the backbone `name`
+        name = f"{name}_{type(model).__name__.lower()}"
     path = export_onnx(model, args.output or f"{name}.onnx", size, dynamic=args.dynamic)
     fixed = fixed_size_reasons(model)
+    batch = (
+        "one image (a torchvision detector)" if is_detector(model) else "dynamic batch" if args.dynamic else "batch 2"
+    )
     if not args.dynamic:
-        print(f"wrote {path} (static {size[0]}x{size[1]}, batch 2)")
+        print(f"wrote {path} (static {size[0]}x{size[1]}, {batch})")
     elif fixed:
-        print(f"wrote {path} (dynamic batch, fixed {size[0]}x{size[1]}: {', '.join(fixed)} sizes its tables in Python)")
+        print(f"wrote {path} ({batch}, fixed {size[0]}x{size[1]}: {', '.join(fixed)} sizes its tables in Python)")
     else:
-        print(f"wrote {path} (dynamic batch and HxW)")
+        print(f"wrote {path} ({batch}, dynamic HxW)")
     if args.no_check:
         return 0
     sizes = [size] + ([tuple(args.check_size)] if args.dynamic and not fixed and args.check_size else [])
@@ -140,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backend", action="append", help="ops: only this backend or formulation (repeatable)")
     bench.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timed runs per figure")
     bench.add_argument("--csv", help="also write the rows to this CSV file")
-    bench.add_argument("--chart", help="models: also draw throughput against GMACs into this PNG")
+    bench.add_argument("--chart", help="models: also draw throughput against GMACs (or --chart-x) into this PNG")
+    bench.add_argument("--chart-x", default="gmacs", choices=("gmacs", "top1"), help="chart's x axis")
     bench.set_defaults(run=_bench)
 
     stats = commands.add_parser("stats", help="parameters and GMACs of models, as a markdown table")
