@@ -118,11 +118,15 @@ class MixVitCfg:
 
 
 def check_images(model: nn.Module, x: torch.Tensor) -> None:
-    """Raise a ValueError naming the model unless ``x`` is ``(B, model.in_chans, H, W)`` of at least
-    ``model.min_input_size``."""
+    """Raise a ValueError naming the model unless ``x`` is floating-point ``(B, model.in_chans, H, W)`` of at
+    least ``model.min_input_size``."""
     name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
     if x.ndim != 4 or x.shape[1] != model.in_chans:
         raise ValueError(f"{name} expects images (B, {model.in_chans}, H, W), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(
+            f"{name} expects floating-point images normalised with its pretrained_cfg mean and std, got {x.dtype}"
+        )
     min_h, min_w = model.min_input_size
     if x.shape[2] < min_h or x.shape[3] < min_w:
         raise ValueError(f"{name} needs inputs of at least {min_h}x{min_w}, got {x.shape[2]}x{x.shape[3]}")

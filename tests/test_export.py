@@ -69,6 +69,15 @@ def test_bad_checkpoints_are_clear_errors(trained):
     corrupt.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read checkpoint"):
         load_checkpoint(corrupt)
+    whole = tmp_path / "whole.ckpt"
+    torch.save({"state_dict": model.state_dict()}, whole)
+    for name, suffix in (("truncated.ckpt", ".ckpt"), ("truncated.safetensors", ".safetensors")):
+        if suffix == ".safetensors":
+            save_model(model, str(whole.with_suffix(suffix)))
+        data = whole.with_suffix(suffix).read_bytes()
+        (tmp_path / name).write_bytes(data[: len(data) // 2])  # a copy cut short
+        with pytest.raises(ValueError, match=f"cannot read checkpoint .*{name}"):
+            load_checkpoint(tmp_path / name)
     unsafe = tmp_path / "unsafe.pt"
     torch.save({"state_dict": {}, "hook": print}, unsafe)  # pickled code: refused by weights_only
     with pytest.raises(ValueError, match="cannot read checkpoint"):

@@ -83,6 +83,40 @@ def test_wrong_channels(name):
 
 
 @pytest.mark.parametrize("name", FAMILY_MODELS)
+def test_integer_images_are_refused(name):
+    model = _create(name)
+    with pytest.raises(ValueError, match=rf"{name} expects floating-point images .*, got torch\.uint8"):
+        model(torch.randint(0, 255, (1, 3, SMALL, SMALL), dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("name", FAMILY_MODELS)
+def test_channels_last_and_strided_images_give_the_same_outputs(name):
+    model = _create(name).eval()
+    x = torch.randn(2, 3, SMALL, SMALL + 8)
+    strided = torch.randn(2, 3, SMALL, 2 * (SMALL + 8))[..., ::2].copy_(x)  # a view: not contiguous
+    assert not strided.is_contiguous()
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), expected)
+        torch.testing.assert_close(model(strided), expected)
+        torch.testing.assert_close(model(x.permute(0, 1, 3, 2).transpose(2, 3)), expected)  # transposed strides
+
+
+@pytest.mark.parametrize("name", FAMILY_MODELS)
+def test_nan_in_one_image_stays_in_that_image(name):
+    """Documented behaviour (docs/reliability.md): NaN is not checked for, it propagates to that image's
+    outputs only (in eval mode, where no BatchNorm mixes the batch)."""
+    model = _create(name).eval()
+    x = torch.randn(2, 3, SMALL, SMALL)
+    poisoned = x.clone()
+    poisoned[0, :, 5, 7] = float("nan")
+    with torch.no_grad():
+        expected, got = model(x), model(poisoned)
+    assert got[0].isnan().all()
+    torch.testing.assert_close(got[1], expected[1])
+
+
+@pytest.mark.parametrize("name", FAMILY_MODELS)
 def test_features_only(name):
     model = _create(name, features_only=True)
     reductions = model.feature_info.reduction()

@@ -4,6 +4,7 @@ atomically, and a NaN loss stops the run at the step that produced it."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from visionzoo.data import ClassificationData, write_idx
 from visionzoo.tasks import ClassificationTask
 from visionzoo.training import AtomicCheckpointIO, NonFiniteLossError, StopOnNonFiniteLoss
 
+EMA_DECAY = 0.9
 TINY_MIXVIT = dict(embed_dim=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), mixers="eca")
 
 
@@ -45,7 +47,8 @@ def test_sigkill_mid_epoch_then_resume_from_last(tmp_path):
     root = write_idx(tmp_path / "idx", train=2000, test=8)  # 1800 train images: 225 steps per epoch
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(_fit_command(root, run, "--trainer.max_epochs=3"), env=env, cwd=tmp_path)
+    ema = f"--model.init_args.ema_decay={EMA_DECAY}"
+    process = subprocess.Popen(_fit_command(root, run, "--trainer.max_epochs=3", ema), env=env, cwd=tmp_path)
     last = run / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 240
     while not last.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -55,19 +58,27 @@ def test_sigkill_mid_epoch_then_resume_from_last(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed = torch.load(last, map_location="cpu", weights_only=True)
-    assert killed["global_step"] in (225, 450), f"killed at step {killed['global_step']}: not mid-run"
+    step = killed["global_step"]
+    assert step in (225, 450), f"killed at step {step}: not mid-run"
     for path in run.glob("checkpoints/last*.ckpt"):  # what --ckpt_path last may pick: never a partial write
         torch.load(path, map_location="cpu", weights_only=True)
 
-    resumed = subprocess.run(
-        _fit_command(root, run, "--trainer.max_epochs=3", "--ckpt_path=last"), env=env, cwd=tmp_path, timeout=600
+    # one more step, so the EMA's update can be checked exactly: ema' = decay * ema + (1 - decay) * model'
+    resume = _fit_command(
+        root, run, "--trainer.max_epochs=3", f"--trainer.max_steps={step + 1}", ema, "--ckpt_path=last"
     )
-    assert resumed.returncode == 0
+    assert subprocess.run(resume, env=env, cwd=tmp_path, timeout=600).returncode == 0
     final = torch.load(last, map_location="cpu", weights_only=True)
-    assert final["global_step"] == 3 * 225, "the resumed run did not continue the count"
-    optimizer_step = final["optimizer_states"][0]["state"][0]["step"]
-    assert int(optimizer_step) == 3 * 225, "optimizer state was not restored"
-    assert final["lr_schedulers"][0]["last_epoch"] == 3 * 225, "scheduler state was not restored"
+    assert final["global_step"] == step + 1, "the resumed run did not continue the count"
+    assert int(final["optimizer_states"][0]["state"][0]["step"]) == step + 1, "optimizer state was not restored"
+    assert final["lr_schedulers"][0]["last_epoch"] == step + 1, "scheduler state was not restored"
+    weights = [k.removeprefix("model.") for k in final["state_dict"] if k.startswith("model.")]
+    before, after = killed["state_dict"], final["state_dict"]
+    assert not torch.equal(before["ema.module." + weights[0]], before["model." + weights[0]])
+    for key in weights:
+        if after["model." + key].is_floating_point():
+            expected = EMA_DECAY * before["ema.module." + key] + (1 - EMA_DECAY) * after["model." + key]
+            torch.testing.assert_close(after["ema.module." + key], expected, msg=f"EMA of {key} was not restored")
 
 
 def test_checkpoints_are_renamed_into_place(tmp_path, monkeypatch):
@@ -110,3 +121,26 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path)
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] == 2
     assert all(torch.isfinite(t).all() for t in saved["state_dict"].values() if t.is_floating_point())
+
+
+def test_bad_ckpt_path_is_a_one_line_error(tmp_path, capsys):
+    from visionzoo.cli import main
+
+    root = write_idx(tmp_path / "idx", train=40, test=8)
+    fit = _fit_command(root, tmp_path / "run", "--trainer.max_epochs=1")[3:]  # in this process: `main` args
+    whole = tmp_path / "whole.ckpt"
+    torch.save({"state_dict": {"model.stem.weight": torch.zeros(8, 3, 3, 3)}, "epoch": 0}, whole)
+    (tmp_path / "truncated.ckpt").write_bytes(whole.read_bytes()[:100])
+    torch.save({"state_dict": {}, "hook": print}, tmp_path / "unsafe.ckpt")  # pickled code
+    expected = {
+        "truncated.ckpt": r"--ckpt_path: cannot read checkpoint .*truncated\.ckpt",
+        "unsafe.ckpt": r"--ckpt_path: cannot read checkpoint .*unsafe\.ckpt: .*(Weights only load failed|print)",
+        "whole.ckpt": r"--ckpt_path .*whole\.ckpt was written for another model: \d+ missing keys .*, 1 unexpected",
+        "missing.ckpt": r"--ckpt_path: no checkpoint at .*missing\.ckpt",
+    }
+    for name, message in expected.items():
+        assert main([*fit, f"--ckpt_path={tmp_path / name}"]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert re.fullmatch(f"error: {message}.*", err, re.S), err
+        assert "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists(), "a refused resume must not start training"

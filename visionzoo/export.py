@@ -38,6 +38,7 @@ __all__ = [
     "is_detector",
     "load_checkpoint",
     "load_model",
+    "read_checkpoint",
 ]
 
 OPSET = 17
@@ -57,7 +58,9 @@ def _unwrap(state: Mapping) -> dict[str, torch.Tensor]:
     return state
 
 
-def _read(path: str | Path) -> Mapping:
+def read_checkpoint(path: str | Path) -> Mapping:
+    """A checkpoint's contents: safetensors, or torch with ``weights_only=True`` (pickled code is refused);
+    a missing file is a FileNotFoundError, a truncated, corrupt or unsafe one a ValueError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -73,7 +76,7 @@ def _read(path: str | Path) -> Mapping:
 
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file or a torch checkpoint (read with ``weights_only=True``: no pickled code)."""
-    return _unwrap(_read(path))
+    return _unwrap(read_checkpoint(path))
 
 
 def _family_filter(name: str) -> Callable | None:
@@ -131,7 +134,7 @@ def load_model(name: str | None, checkpoint: str | Path | None = None, **kwargs)
         if name is None:
             raise ValueError("give a model name or a checkpoint written by visionzoo fit")
         return timm.create_model(name, **kwargs).eval()
-    raw = _read(checkpoint)
+    raw = read_checkpoint(checkpoint)
     hparams = raw.get("hyper_parameters") if isinstance(raw.get("hyper_parameters"), Mapping) else {}
     trained_name = hparams.get("model_name")
     if name is None and trained_name is None:

@@ -240,6 +240,57 @@ class VisionZooCLI(LightningCLI):
             config["plugins"] = [AtomicCheckpointIO()]
         return super()._instantiate_trainer(config, callbacks)
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads a ``--ckpt_path`` file's hyper-parameters first: a corrupt or unsafe file ends here."""
+        try:
+            super()._parse_ckpt_path()
+        except Exception as error:
+            ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+            raise RecipeError(
+                f"--ckpt_path: cannot read checkpoint {ckpt_path}: {type(error).__name__}: {error}"
+            ) from error
+
+    def _check_checkpoint(self, subcommand: str) -> None:
+        """Refuse a ``--ckpt_path`` that cannot be read safely or was written for another model, in one line
+        (Lightning would show a deep traceback)."""
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        callback = self.trainer.checkpoint_callback
+        if ckpt_path == "last" and callback is not None and callback.dirpath is not None:
+            ckpt_path = Path(callback.dirpath) / "last.ckpt"
+            if not ckpt_path.is_file():
+                return  # Lightning starts afresh and says so
+        if ckpt_path in (None, "best", "last", "hpc", "registry"):
+            return
+        from visionzoo.export import read_checkpoint
+
+        try:
+            checkpoint = read_checkpoint(ckpt_path)
+        except (FileNotFoundError, ValueError) as error:
+            raise RecipeError(f"--ckpt_path: {error}") from error
+        if not isinstance(checkpoint.get("state_dict"), dict):
+            raise RecipeError(f"--ckpt_path {ckpt_path} is not a Lightning checkpoint (no state_dict)")
+        ours, theirs = self.model.state_dict(), checkpoint["state_dict"]
+        missing, unexpected = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
+        resized = sorted(k for k in ours.keys() & theirs.keys() if ours[k].shape != theirs[k].shape)
+        if missing or unexpected or resized:
+            raise RecipeError(
+                f"--ckpt_path {ckpt_path} was written for another model: {len(missing)} missing keys "
+                f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}, {len(resized)} of another "
+                f"shape {resized[:3]}"
+            )
+
+    def before_fit(self) -> None:
+        self._check_checkpoint("fit")
+
+    def before_validate(self) -> None:
+        self._check_checkpoint("validate")
+
+    def before_test(self) -> None:
+        self._check_checkpoint("test")
+
+    def before_predict(self) -> None:
+        self._check_checkpoint("predict")
+
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit", True) or self.trainer.interrupted:
             return
