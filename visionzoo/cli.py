@@ -124,7 +124,9 @@ def _export(args: argparse.Namespace) -> int:
     results = check_onnx(model, path, sizes, tolerance=args.tolerance)
     for result in results:
         verdict = "ok" if result.ok else "MISMATCH"
-        print(f"onnxruntime vs torch at {result.input_shape}: max abs diff {result.max_abs_diff:.3g} ({verdict})")
+        found = "" if result.detections is None else f", {result.detections} detections"
+        diff = f"max abs diff {result.max_abs_diff:.3g}{found}"
+        print(f"onnxruntime vs torch at {result.input_shape}: {diff} ({verdict})")
     return 0 if all(r.ok for r in results) else 1
 
 

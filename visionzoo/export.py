@@ -275,6 +275,7 @@ class OnnxCheck:
     input_shape: tuple[int, ...]
     max_abs_diff: float
     tolerance: float
+    detections: int | None = None  # detectors: how many PyTorch found (0 makes the check say little)
 
     @property
     def ok(self) -> bool:
@@ -321,11 +322,13 @@ def check_onnx(
         if is_detector(model):
             images = torch.rand(in_chans, height, width, generator=generator)
             got = dict(zip(names, (torch.from_numpy(a) for a in session.run(None, {"image": images.numpy()}))))
-            diff = _detections_diff(_run(model, images), got, max(height, width))
+            expected = _run(model, images)
+            diff = _detections_diff(expected, got, max(height, width))
+            results.append(OnnxCheck(tuple(images.shape), diff, tolerance, len(expected["boxes"])))
         else:
             images = torch.randn(batch, in_chans, height, width, generator=generator)
             expected = _run(model, images)
             got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
             diff = (got - expected).abs().max().item() if got.shape == expected.shape else float("inf")
-        results.append(OnnxCheck(tuple(images.shape), diff, tolerance))
+            results.append(OnnxCheck(tuple(images.shape), diff, tolerance))
     return results
