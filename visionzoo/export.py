@@ -109,9 +109,15 @@ def _load_weights(model: nn.Module, name: str, state: dict[str, torch.Tensor], s
 
 def _task_from_hparams(hparams: Mapping) -> LightningModule:
     """The ``visionzoo fit`` task a checkpoint's hyper-parameters describe, built without downloading weights."""
-    from visionzoo.tasks import ClassificationTask, DetectionTask, SegmentationTask
+    from visionzoo import tasks
 
-    task = DetectionTask if "detector" in hparams else SegmentationTask if "decoder" in hparams else ClassificationTask
+    # LightningCLI records the task class (``_class_path``); older checkpoints tell it by their arguments
+    guess = "DetectionTask" if "detector" in hparams else "SegmentationTask" if "decoder" in hparams else None
+    class_name = str(hparams.get("_class_path", guess or "ClassificationTask")).rpartition(".")[2]
+    if class_name not in tasks.__all__:
+        raise ValueError(f"task {hparams['_class_path']!r} is not a visionzoo task")
+    task = getattr(tasks, class_name)
+    hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}  # Lightning's own entries
     hparams = {**hparams, **({"pretrained": False} if "pretrained" in hparams else {})}
     for nested in ("detector_kwargs", "segmenter_kwargs"):
         backbone_kwargs = (hparams.get(nested) or {}).get("backbone_kwargs") or {}
