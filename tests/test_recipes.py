@@ -16,6 +16,7 @@ import yaml
 import visionzoo
 from visionzoo.cli import main
 from visionzoo.data import write_ade20k, write_coco, write_idx, write_imagefolder
+from visionzoo.export import load_model
 
 RECIPES = visionzoo.list_recipes()
 CPU_TRAINER = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32"]
@@ -121,6 +122,8 @@ def test_fit_writes_checkpoints_logs_and_curves_then_exports(fashion_like, tmp_p
     code = main(["export", "--checkpoint", str(run / "checkpoints" / "last.ckpt"), "-o", str(onnx), "--dynamic"])
     assert code == 0 and onnx.is_file()
     assert "(2, 3, 32, 32)" in capsys.readouterr().out, "export did not take the recipe's image size"
+    cfg = load_model(None, run / "checkpoints" / "last.ckpt").pretrained_cfg
+    assert (cfg["mean"], cfg["std"]) == ((0.286,) * 3, (0.353,) * 3), "the recipe's normalisation was lost"
 
 
 def test_resume_from_last_continues_step_and_optimizer_state(fashion_like, tmp_path):

@@ -131,7 +131,8 @@ def load_model(name: str | None, checkpoint: str | Path | None = None, **kwargs)
 
     A ``visionzoo fit`` checkpoint rebuilds its own model, whatever the task: ``name`` may be None,
     and the classifier, detector or segmenter comes back as the task built it (its EMA weights when the
-    run kept an EMA); the data's ``image_size`` becomes the model's ``pretrained_cfg["input_size"]``.
+    run kept an EMA); the data's ``image_size`` (and ``mean``/``std`` when the recipe set them) go into the
+    model's ``pretrained_cfg``.
     Otherwise the classifier is resized to the checkpoint's number of classes, an official release
     goes through its family's ``checkpoint_filter_fn``, and any other mismatch (a checkpoint of another
     model) is an error that lists the keys.
@@ -173,10 +174,13 @@ def _rebuild_trained(raw: Mapping, hparams: Mapping, checkpoint: str | Path, kwa
         )
     model = task.eval_model
     cfg = getattr(model, "pretrained_cfg", None) or _backbone(model).pretrained_cfg
-    image_size = (raw.get("datamodule_hyper_parameters") or {}).get("image_size")
-    if image_size is not None:
-        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    data = raw.get("datamodule_hyper_parameters") or {}
+    if data.get("image_size") is not None:
+        height, width = (data["image_size"],) * 2 if isinstance(data["image_size"], int) else data["image_size"]
         cfg = {**cfg, "input_size": (cfg["input_size"][0], height, width)}
+    for stat in ("mean", "std"):  # the recipe's normalisation, when it set one
+        if data.get(stat) is not None:
+            cfg = {**cfg, stat: tuple(data[stat])}
     model.pretrained_cfg = cfg
     return model
 
@@ -263,6 +267,7 @@ def export_onnx(
     with torch.no_grad(), use_backend("reference"), set_layer_config(exportable=True), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torchvision\.models\.detection")  # tracing
         torch.onnx.export(
             model,
             args,
