@@ -88,6 +88,35 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from visionzoo.explain import explain, explain_attention
+    from visionzoo.export import load_model
+
+    if not args.attention and (args.query or args.block):
+        print("error: --query and --block go with --attention", file=sys.stderr)
+        return 2
+    if args.attention and args.class_index is not None:
+        print("error: --class-index goes with Grad-CAM, not --attention", file=sys.stderr)
+        return 2
+    size = tuple(args.img_size) if args.img_size else None
+    try:
+        model = load_model(args.model, args.checkpoint)
+        if args.attention:
+            result = explain_attention(model, args.image, args.out, args.query, args.block, size)
+        else:
+            result = explain(model, args.image, args.out, args.class_index, size)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"predicted class {result.predicted} (probability {result.probability:.3f})")
+    if args.attention:
+        row, col = result.query
+        print(f"wrote {result.path}: attention of token ({row}, {col}) in block {result.block}, mean over heads")
+    else:
+        print(f"wrote {result.path}: Grad-CAM of class {result.class_index} at {result.layer}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from visionzoo.export import (
         check_onnx,
@@ -176,6 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference allowed (default: 1e-4)")
     export.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
     export.set_defaults(run=_export)
+
+    explain = commands.add_parser("explain", help="draw Grad-CAM, or one query's attention, over an image")
+    explain.add_argument("model", nargs="?", help="registered model name (optional with a visionzoo fit checkpoint)")
+    explain.add_argument("--image", required=True, help="the image to explain")
+    explain.add_argument("--out", required=True, help="PNG to write, at the image's size")
+    explain.add_argument("--checkpoint", help="weights: .safetensors, or a torch/Lightning checkpoint")
+    explain.add_argument("--class-index", type=int, help="class to explain (default: the predicted one)")
+    explain.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="model input (default: model's)")
+    explain.add_argument("--attention", action="store_true",
+                         help="draw one query's attention weights instead (neighborhood, routing, global)")  # fmt: skip
+    explain.add_argument("--query", type=int, nargs=2, metavar=("Y", "X"), help="query pixel (default: the centre)")
+    explain.add_argument("--block", help="STAGE.INDEX (default: last block of the first stage with attention)")
+    explain.set_defaults(run=_explain)
     return parser
 
 
