@@ -88,13 +88,13 @@ class MixVitCfg:
         for name in ("embed_dim", "depths", "num_heads"):
             value = tuple(getattr(self, name))
             if len(value) != num_stages:
-                raise ValueError(f"{name} has {len(value)} entries for {num_stages} stages")
+                raise ValueError(f"{name} has {len(value)} entries for {num_stages} stages (depths={self.depths})")
             set_(name, value)
         mixers = (self.mixers,) * num_stages if isinstance(self.mixers, str) else tuple(self.mixers)
         mixer_kwargs = tuple(self.mixer_kwargs) or ({},) * num_stages
         for name, value in (("mixers", mixers), ("mixer_kwargs", mixer_kwargs)):
             if len(value) != num_stages:
-                raise ValueError(f"{name} has {len(value)} entries for {num_stages} stages")
+                raise ValueError(f"{name} has {len(value)} entries for {num_stages} stages (depths={self.depths})")
         set_("mixers", mixers)
         set_("mixer_kwargs", mixer_kwargs)
         if not isinstance(self.mlp_ratio, int | float):

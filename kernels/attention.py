@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import AUTO, Capability, KernelOp
+from .precision import float32_logits
 
 __all__ = ["dense_attention", "dense_attention_reference"]
 
@@ -22,12 +23,13 @@ def dense_attention_reference(
     bias: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Explicit softmax attention; the softmax runs in at least float32 precision."""
+    """Explicit softmax attention; logits and softmax run in at least float32 precision."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = (q * scale) @ k.transpose(-2, -1)
-    if bias is not None:
-        logits = logits.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else logits + bias
-    weights = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1).to(v.dtype)
+    with float32_logits(q, k) as (q32, k32):  # float16 q . k overflows at large activations
+        logits = (q32 * scale) @ k32.transpose(-2, -1)
+        if bias is not None:
+            logits = logits.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else logits + bias
+        weights = logits.softmax(dim=-1).to(v.dtype)
     return weights @ v
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import AUTO, KernelOp
+from .precision import float32_logits
 
 __all__ = ["halo_attention", "halo_attention_reference"]
 
@@ -69,15 +70,16 @@ def halo_attention_reference(q, k, v, block_size, halo_size, rel_height=None, re
         )
     window = block_size + 2 * halo_size
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q_blocks = _blocks(q, block_size)
-    logits = (q_blocks @ _windows(k, block_size, halo_size).transpose(-1, -2)) * scale
-    if rel_height is not None:
-        grid = q_blocks.unflatten(-2, (block_size, block_size))  # (..., row, col, d)
-        along_h = _relative_logits(grid.transpose(-3, -2), rel_height, block_size, window).transpose(-3, -2)
-        along_w = _relative_logits(grid, rel_width, block_size, window)
-        rel = along_h[..., :, None] + along_w[..., None, :]  # (..., row, col, key_row, key_col)
-        logits = logits + rel.flatten(-4, -3).flatten(-2, -1)
-    weights = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1).to(v.dtype)
+    with float32_logits(q, k) as (q32, k32):  # float16 q . k overflows at large activations
+        q_blocks = _blocks(q32, block_size)
+        logits = (q_blocks @ _windows(k32, block_size, halo_size).transpose(-1, -2)) * scale
+        if rel_height is not None:
+            grid = q_blocks.unflatten(-2, (block_size, block_size))  # (..., row, col, d)
+            along_h = _relative_logits(grid.transpose(-3, -2), rel_height, block_size, window).transpose(-3, -2)
+            along_w = _relative_logits(grid, rel_width, block_size, window)
+            rel = along_h[..., :, None] + along_w[..., None, :]  # (..., row, col, key_row, key_col)
+            logits = logits + rel.flatten(-4, -3).flatten(-2, -1)
+        weights = logits.softmax(-1).to(v.dtype)
     out = weights @ _windows(v, block_size, halo_size)  # (B, h, nH, nW, block * block, dv)
     out = out.unflatten(-2, (block_size, block_size)).transpose(3, 4)
     return out.reshape(batch, heads, height, width, -1)

@@ -30,6 +30,7 @@ import functools
 import torch
 
 from .dispatch import AUTO, Capability, KernelOp, can_run_triton_on, is_exporting
+from .precision import float32_logits
 
 __all__ = ["neighborhood_attention", "neighborhood_attention_reference", "neighborhood_windows"]
 
@@ -121,11 +122,12 @@ def _window_scatter(weights: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, 
 
 
 def _attention_weights(q, k, rows, cols, bias, scale):
-    logits = _window_dots(q * scale, k, rows, cols)  # q scaled before the product, as NATTEN does
-    if bias is not None:
-        logits = logits + bias
-    shape = logits.shape
-    weights = logits.flatten(-2).to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
+    with float32_logits(q, k) as (q32, k32):  # float16 q . k overflows at large activations
+        logits = _window_dots(q32 * scale, k32, rows, cols)  # q scaled before the product, as NATTEN does
+        if bias is not None:
+            logits = logits + bias
+        shape = logits.shape
+        weights = logits.flatten(-2).softmax(-1)
     return weights.to(q.dtype).reshape(shape)
 
 
@@ -143,15 +145,18 @@ class _NeighborhoodAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, weights, rows, cols = ctx.saved_tensors
-        grad_out = grad_out.to(q.dtype).contiguous()  # under autocast it may arrive in another precision
-        grad_weights = _window_dots(grad_out, v, rows, cols)
-        grad_v = _window_scatter(weights, grad_out, rows, cols)
-        grad_logits = weights * (grad_weights - (weights * grad_weights).sum((-2, -1), keepdim=True))
-        grad_logits = grad_logits.to(q.dtype)  # a backward under autocast sums in float32
-        grad_q = _window_sums(grad_logits, k, rows, cols) * ctx.scale
-        grad_k = _window_scatter(grad_logits, q * ctx.scale, rows, cols)
-        grad_bias = grad_logits.sum(0) if ctx.has_bias else None
-        return grad_q, grad_k, grad_v, grad_bias, None, None, None
+        dtype = q.dtype
+        grad_out = grad_out.to(dtype).contiguous()  # under autocast it may arrive in another precision
+        # float32 for float16/bfloat16: grad_q sums ds * k over the window, terms of the size of k that cancel
+        # to a small gradient and overflow float16 on the way
+        with float32_logits(q, k, v, weights, grad_out) as (q, k, v, weights, grad_out):
+            grad_weights = _window_dots(grad_out, v, rows, cols)
+            grad_v = _window_scatter(weights, grad_out, rows, cols)
+            grad_logits = weights * (grad_weights - (weights * grad_weights).sum((-2, -1), keepdim=True))
+            grad_q = _window_sums(grad_logits, k, rows, cols) * ctx.scale
+            grad_k = _window_scatter(grad_logits, q * ctx.scale, rows, cols)
+            grad_bias = grad_logits.sum(0).to(dtype) if ctx.has_bias else None
+        return grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype), grad_bias, None, None, None
 
 
 def neighborhood_attention_reference(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):

@@ -39,6 +39,7 @@ import functools
 import torch
 
 from .dispatch import AUTO, Capability, KernelOp, can_run_triton_on, is_exporting
+from .precision import float32_logits
 
 __all__ = [
     "bilevel_routing_attention",
@@ -119,7 +120,8 @@ def route_regions(
         k_mean = torch.einsum("bhrtd,rt->bhrd", k_regions, weights)
     # all heads together: (B, regions, heads * d)
     q_mean, k_mean = q_mean.transpose(1, 2).flatten(2), k_mean.transpose(1, 2).flatten(2)
-    affinity = (q_mean * scale) @ k_mean.transpose(-1, -2)
+    with float32_logits(q_mean, k_mean) as (q_mean, k_mean):  # float16 would overflow at large activations
+        affinity = (q_mean * scale) @ k_mean.transpose(-1, -2)
     if valid is not None:  # regions made only of padding come last
         affinity = affinity.masked_fill(~valid.any(-1), float("-inf"))
     return torch.topk(affinity, k=min(topk, affinity.shape[-1]), dim=-1).indices
@@ -139,7 +141,8 @@ def _add_routed(out: torch.Tensor, grad: torch.Tensor, index: torch.Tensor) -> N
     batch, heads, regions, tokens, dim = out.shape
     offsets = torch.arange(batch * heads, device=grad.device).view(batch, heads, 1, 1) * regions
     rows = (index[:, None] + offsets).flatten()
-    out.view(-1, tokens, dim).index_add_(0, rows, grad.reshape(-1, tokens, dim))
+    # a backward run under autocast makes its products in the low dtype: add them in out's dtype
+    out.view(-1, tokens, dim).index_add_(0, rows, grad.reshape(-1, tokens, dim).to(out.dtype))
 
 
 def _key_bias(valid: torch.Tensor | None, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
@@ -151,8 +154,8 @@ def _key_bias(valid: torch.Tensor | None, index: torch.Tensor, dtype: torch.dtyp
 
 
 def _logits(q, k, bias, scale):
-    logits = (q * scale) @ k.transpose(-1, -2)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    with float32_logits(q, k) as (q32, k32):  # float16 q . k overflows at large activations
+        logits = (q32 * scale) @ k32.transpose(-1, -2)
     return logits if bias is None else logits + bias
 
 
@@ -193,14 +196,18 @@ class _RoutingAttention(torch.autograd.Function):
         grad_q = torch.empty_like(q)
         grad_k, grad_v = (torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (k, v))
         grad_out = grad_out.contiguous()
-        row_dot = (grad_out * out).sum(-1, keepdim=True)  # sum_j p_ij dp_ij per query
+        # dp - row_dot cancels to the size of the gradient: in float16 it would keep the rounding of dp (~|v|)
+        with float32_logits(grad_out, out) as (grad_out32, out32):
+            row_dot = (grad_out32 * out32).sum(-1, keepdim=True)  # sum_j p_ij dp_ij per query
         for part in _chunks(q, index):
             idx, q_part, g_part = index[:, part], q[:, :, part], grad_out[:, :, part]
             k_routed, v_routed = _routed(k, idx), _routed(v, idx)
             logits = _logits(q_part, k_routed, _key_bias(valid, idx, q.dtype), scale)
-            weights = logits.sub_(lse[:, :, part]).exp_().to(q.dtype)
+            probs = logits.sub_(lse[:, :, part]).exp_()
+            weights = probs.to(q.dtype)
             _add_routed(grad_v, weights.transpose(-1, -2) @ g_part, idx)
-            grad_logits = (g_part @ v_routed.transpose(-1, -2)).sub_(row_dot[:, :, part]).mul_(weights)
+            with float32_logits(g_part, v_routed) as (g32, v32):
+                grad_logits = (g32 @ v32.transpose(-1, -2)).sub_(row_dot[:, :, part]).mul_(probs).to(q.dtype)
             grad_q[:, :, part] = (grad_logits @ k_routed).mul_(scale)
             _add_routed(grad_k, grad_logits.transpose(-1, -2) @ (q_part * scale), idx)
         return grad_q, grad_k, grad_v, None, None, None

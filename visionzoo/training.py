@@ -37,6 +37,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from visionzoo.data.base import VisionDataModule
 
 __all__ = [
     "ALLOWED_NAMESPACES",
@@ -54,6 +57,7 @@ __all__ = [
 ALLOWED_NAMESPACES = ("torch", "torchvision", "torchmetrics", "timm", "albumentations", "lightning",
                       "pytorch_lightning", "visionzoo")  # fmt: skip
 ALLOW_ANY_FLAG = "--allow_any_class_path"
+_DATA_STAGES = ("fit", "validate", "test", "predict")  # subcommands named as LightningDataModule.setup's stages
 
 
 class RecipeError(ValueError):
@@ -176,6 +180,39 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(partial, path)
 
 
+# Lines of jsonargparse's nested union report that repeat for every optional class argument, or dump a section
+_PARSE_ERROR_NOISE = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes: [",
+    "Errors:",
+    "- Expected a <class 'NoneType'>",
+    "Given value type: <class 'dict'>",
+    "Given value: {",
+    "Given value type: <class 'jsonargparse.",
+    "Given value: NestedArg(",
+    "Given value: Namespace(",
+)
+
+
+def one_line_parse_error(message: str) -> str:
+    """jsonargparse's parse error in one line: the nested keys and the innermost problem."""
+    lines = (line.strip() for line in message.splitlines())
+    return " ".join(line.removeprefix("- ") for line in lines if line and not line.startswith(_PARSE_ERROR_NOISE))
+
+
+class RecipeArgumentParser(LightningArgumentParser):
+    """Reports a parse error as ``error: <keys>: <problem>`` and a tip, without jsonargparse's usage (a hundred
+    lines for a recipe, printed before the error)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):  # raising, not exiting: its own way
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        sys.stderr.write(f"error: {one_line_parse_error(message)}\n")
+        sys.stderr.write(f"tip: {parser.prog.replace(' [options]', '')} --help lists the options\n")
+        self.exit(2)
+
+
 class VisionZooCLI(LightningCLI):
     """LightningCLI with the links between task and data, the project's run layout, and class paths
     restricted to :data:`ALLOWED_NAMESPACES` unless ``allow_any_class_path``."""
@@ -196,7 +233,10 @@ class VisionZooCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
+            if isinstance(self.datamodule, VisionDataModule) and self.subcommand in _DATA_STAGES:
+                # the splits the run needs, built (and cached) now: a missing or empty one is a recipe error
+                self.datamodule.setup(self.subcommand)
+        except (ValueError, TypeError, FileNotFoundError, KeyError, MisconfigurationException) as error:
             root = error
             while root.__cause__ is not None:
                 root = root.__cause__
@@ -314,6 +354,7 @@ def run_cli(args: list[str]) -> int:
             model_class=None,
             datamodule_class=None,
             parser_kwargs={"prog": "visionzoo"},
+            parser_class=RecipeArgumentParser,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
         )

@@ -71,8 +71,14 @@ class VisionDataModule(pl.LightningDataModule):
             )
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be 0 or more, got {num_workers}")
         self.model_name = model_name
         self.data_config: DataConfig = resolve_data_config(model_name, image_size, mean, std)
+        if min(self.data_config.input_size) < 1:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        if min(self.data_config.std) <= 0:
+            raise ValueError(f"std must be positive (images are divided by it), got {std}")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory

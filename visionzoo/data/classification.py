@@ -243,7 +243,10 @@ class ClassificationData(VisionDataModule):
     def build_dataset(self, split: Split) -> Dataset:
         held_out = split == "val" and not self._has_split("val")
         if held_out and self.val_fraction == 0:
-            raise ValueError(f"ClassificationData: no val split under {str(self.root)!r} and val_fraction is 0")
+            raise ValueError(
+                f"ClassificationData: no val split under {str(self.root)!r} and val_fraction is 0 "
+                "(fit and validate need one: set val_fraction above 0 or add a val split)"
+            )
         source = "train" if split == "train" or held_out else split
         if not self._has_split(source):
             raise ValueError(f"ClassificationData: no {split} split under {str(self.root)!r}; {self.layout}")

@@ -130,3 +130,5 @@ class ElaMixer(_GatedConvMixer):
 
     def __init__(self, dim: int, kernel_size: int = 7, ela_variant: str = "B", num_heads: int | None = None):
         super().__init__(dim, ElaGate(dim, ela_variant), kernel_size, num_heads)
+        if self.gate.norm.num_groups == dim:  # one channel per norm group: GroupNorm needs 2 positions a row/column
+            self.min_size = (2, 2)

@@ -87,6 +87,10 @@ class VisionTask(pl.LightningModule):
         optimizer_kwargs: dict[str, Any] | None = None,
     ):
         super().__init__()
+        if lr <= 0 or weight_decay < 0:
+            raise ValueError(
+                f"lr must be positive and weight_decay 0 or more, got lr={lr}, weight_decay={weight_decay}"
+            )
         self.save_hyperparameters()  # collects the subclass's arguments too, defaults included
 
     def attach(self, model: nn.Module) -> None:
