@@ -40,13 +40,7 @@ EVAL_KWARGS = {
 DETECTOR_KWARGS = dict(fpn_channels=32, min_size=96, max_size=160)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models run many small ops: one thread is faster, and far faster on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 def _detection_batch():
