@@ -16,13 +16,14 @@ with one: :func:`checkpoint_filter_fn` renames the keys.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import torch
-from timm.models import generate_default_cfgs, register_model
 
-from .mixvit import MixVit, MixVitCfg, build_mixvit, mixvit_cfg, rename_key
-from .mixvit import checkpoint_filter_fn as unwrap_state_dict
+from .helpers import convert_official_state_dict, generate_backbone_cfgs, register_models, rename_key
+from .mixvit import MixVit, MixVitCfg, build_mixvit, mixvit_cfg
+from .mixvit_config import DownsampleCfg, OuterNormCfg, StemCfg
 
 __all__ = ["checkpoint_filter_fn"]
 
@@ -37,11 +38,11 @@ def _biformer(depths: tuple[int, ...], embed_dim: tuple[int, ...]) -> MixVitCfg:
         mixer_kwargs=(*routing, {}),
         block_mixer_kwargs={"side_dwconv": 5},
         mlp_ratio=3.0,
-        norm_eps=1e-6,
-        conv_norm_layer="batchnorm",
-        stem_act="gelu",
-        downsample_bias=True,
         pos_embed_kernel=3,
+        norm_eps=1e-6,
+        stem=StemCfg(act="gelu"),
+        downsample=DownsampleCfg(bias=True),
+        outer_norm=OuterNormCfg(layer="batchnorm"),
     )
 
 
@@ -75,14 +76,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: MixVit) 
     A state dict already in our layout passes through; ``{"model": ...}`` and
     ``{"state_dict": ...}`` containers are unwrapped.
     """
-    state_dict = unwrap_state_dict(dict(state_dict), model)
-    if not any(key.startswith("downsample_layers.") for key in state_dict):
-        return state_dict
-    out = {}
-    for key, value in state_dict.items():
-        key = rename_key(key, _KEY_RULES)
-        out[key] = value
-    return out
+    return convert_official_state_dict(state_dict, ("downsample_layers.",), partial(rename_key, rules=_KEY_RULES))
 
 
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> MixVit:
@@ -91,11 +85,11 @@ def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> MixVit
 
 def _cfg(url: str, **kwargs) -> dict[str, Any]:
     # DeiT's evaluation transform, which the official code uses: resize 256, centre crop 224
-    return mixvit_cfg(url=url, crop_pct=0.875, license="mit", **kwargs)
+    return mixvit_cfg(url=url, crop_pct=0.875, license="mit", family="biformer", **kwargs)
 
 
 # The official README's release links (models/biformer.py ``model_urls``)
-default_cfgs = generate_default_cfgs(
+default_cfgs = generate_backbone_cfgs(
     {
         "biformer_tiny.in1k": _cfg("https://matix.li/e36fe9fb086c"),
         "biformer_small.in1k": _cfg("https://matix.li/5bb436318902"),
@@ -104,16 +98,4 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-@register_model
-def biformer_tiny(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_biformer("biformer_tiny", pretrained, **kwargs)
-
-
-@register_model
-def biformer_small(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_biformer("biformer_small", pretrained, **kwargs)
-
-
-@register_model
-def biformer_base(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_biformer("biformer_base", pretrained, **kwargs)
+register_models(__name__, model_cfgs, _create_biformer)

@@ -11,20 +11,18 @@ the depthwise variant with the 7-wide kernel.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
-from typing import Any
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from visionzoo.mixers import ElaGate
 
-from .mixvit import check_images
-from .mixvit import checkpoint_filter_fn as unwrap_state_dict
+from .helpers import check_images, generate_backbone_cfgs, register_models, unwrap_state_dict
 
-__all__ = ["ElaResNet"]
+__all__ = ["ElaResNet", "checkpoint_filter_fn"]
 
 
 class ElaResNet(ResNet):
@@ -52,7 +50,17 @@ class ElaResNet(ResNet):
         return super().forward_intermediates(x, *args, **kwargs)
 
 
-def _create_ela_resnet(variant: str, pretrained: bool, block, layers, ela_variant: str = "B", **kwargs) -> ElaResNet:
+# timm's ResNet blocks and layers of each depth
+model_cfgs = {"ela_resnet18": (BasicBlock, (2, 2, 2, 2)), "ela_resnet50": (Bottleneck, (3, 4, 6, 3))}
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ElaResNet) -> dict[str, torch.Tensor]:
+    """Unwrap ``{"state_dict": ...}`` / ``{"model": ...}`` containers; keys are already ours."""
+    return unwrap_state_dict(state_dict)
+
+
+def _create_ela_resnet(variant: str, pretrained: bool, ela_variant: str = "B", **kwargs) -> ElaResNet:
+    block, layers = model_cfgs[variant]
     block_args = {**kwargs.pop("block_args", {}), "attn_layer": partial(ElaGate, variant=ela_variant)}
     return build_model_with_cfg(
         ElaResNet,
@@ -61,38 +69,24 @@ def _create_ela_resnet(variant: str, pretrained: bool, block, layers, ela_varian
         block=block,
         layers=layers,
         block_args=block_args,
-        pretrained_filter_fn=unwrap_state_dict,
+        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(1, 2, 3, 4)),  # strides 4-32, like every visionzoo backbone
         **kwargs,
     )
 
 
-def _cfg(**kwargs) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "min_input_size": (3, *ElaResNet.min_input_size),
-        "crop_pct": 0.875,
-        "interpolation": "bilinear",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "conv1",
-        "classifier": "fc",
-        "license": "apache-2.0",
-        **kwargs,
+default_cfgs = generate_backbone_cfgs(
+    {
+        name: {
+            "min_input_size": (3, *ElaResNet.min_input_size),
+            "crop_pct": 0.875,
+            "interpolation": "bilinear",
+            "first_conv": "conv1",
+            "classifier": "fc",
+            "family": "ela_resnet",
+        }
+        for name in model_cfgs
     }
+)
 
-
-default_cfgs = generate_default_cfgs({"ela_resnet18": _cfg(), "ela_resnet50": _cfg()})
-
-
-@register_model
-def ela_resnet18(pretrained: bool = False, **kwargs) -> ElaResNet:
-    return _create_ela_resnet("ela_resnet18", pretrained, BasicBlock, (2, 2, 2, 2), **kwargs)
-
-
-@register_model
-def ela_resnet50(pretrained: bool = False, **kwargs) -> ElaResNet:
-    return _create_ela_resnet("ela_resnet50", pretrained, Bottleneck, (3, 4, 6, 3), **kwargs)
+register_models(__name__, model_cfgs, _create_ela_resnet)

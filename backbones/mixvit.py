@@ -12,124 +12,50 @@ Sizes mirror NAT: ``mini``, ``tiny``, ``small`` and ``base`` have NAT's widths, 
 heads and MLP ratios.
 
 Keyword arguments of ``timm.create_model`` that name a :class:`MixVitCfg` field replace
-it; ``mixer_<name>=value`` sets the mixer argument ``name`` in every block.
+it; ``mixer_<name>=value`` sets the mixer argument ``name`` in every block. The cfg
+(``backbones/mixvit_config.py``) reads as the macro-architecture; the paper families' own
+choices for the stem, the downsamplings and the outer norms sit in its nested groups.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, get_act_layer, get_norm_layer, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from torch import nn
 
 from visionzoo.blocks import MixStage
 from visionzoo.layers import BatchNormCl, ConvStem, PatchEmbedStem
 
-__all__ = ["MixVit", "MixVitCfg", "build_mixvit", "check_images", "mixvit_cfg", "rename_key"]
+from .helpers import check_images, generate_backbone_cfgs, register_models, unwrap_state_dict
+from .mixvit_config import DownsampleCfg, MixVitCfg, OuterNormCfg, StemCfg
 
-MixerSpec = str | Sequence[str]
-MixerKwargsSpec = Mapping[str, Any] | Sequence[Mapping[str, Any]]
-
-
-@dataclass(frozen=True)
-class MixVitCfg:
-    """Architecture of a MixViT.
-
-    ``mixers`` and ``mixer_kwargs`` hold one entry per stage; a sequence in place of a
-    single entry is cycled over the stage's blocks (e.g. DiNAT's alternating dilations:
-    ``({"dilation": 1}, {"dilation": 8})``). A single mixer name applies to every stage.
-
-    BiFormer-style options (defaults keep NAT's layout): ``conv_norm_layer`` is the norm of
-    the stem, the downsamplings and the final norm (``norm_layer`` when None; ``batchnorm``
-    runs BatchNorm2d on the channels-last maps, with its own default eps), ``stem_act`` adds
-    a norm and this activation between the stem's convolutions, ``downsample_bias`` gives the
-    downsampling convolutions a bias, and ``pos_embed_kernel`` starts every block with a
-    depthwise-convolution position encoding of that size.
-
-    TransNeXt-style options (defaults keep NAT's layout): ``mlp_ratio`` may hold one ratio
-    per stage, ``stem="patch"`` is one 7x7 stride-4 convolution (:class:`PatchEmbedStem`),
-    ``embed_norm_eps`` is the eps of the stem's and the downsamplings' norms (``norm_eps``
-    when None), and ``stage_norm`` ends every stage but the last with a norm (the last one
-    has the model's final norm).
-    """
-
-    embed_dim: tuple[int, ...] = (64, 128, 256, 512)
-    depths: tuple[int, ...] = (2, 4, 18, 5)
-    num_heads: tuple[int, ...] = (2, 4, 8, 16)
-    mixers: MixerSpec | tuple[MixerSpec, ...] = "global"
-    mixer_kwargs: tuple[MixerKwargsSpec, ...] = ()
-    mlp_ratio: float | tuple[float, ...] = 3.0
-    mlp_layer: str = "mlp"
-    layer_scale_init: float | None = None
-    norm_layer: str = "layernorm"
-    norm_eps: float = 1e-5
-    block_mixer_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    conv_norm_layer: str | None = None
-    stem_act: str | None = None
-    downsample_bias: bool = False
-    pos_embed_kernel: int = 0
-    stem: str = "conv"
-    embed_norm_eps: float | None = None
-    stage_norm: bool = False
-
-    def __post_init__(self):
-        num_stages = len(self.depths)
-        set_ = partial(object.__setattr__, self)
-        for name in ("embed_dim", "depths", "num_heads"):
-            value = tuple(getattr(self, name))
-            if len(value) != num_stages:
-                raise ValueError(f"{name} has {len(value)} entries for {num_stages} stages (depths={self.depths})")
-            set_(name, value)
-        mixers = (self.mixers,) * num_stages if isinstance(self.mixers, str) else tuple(self.mixers)
-        mixer_kwargs = tuple(self.mixer_kwargs) or ({},) * num_stages
-        for name, value in (("mixers", mixers), ("mixer_kwargs", mixer_kwargs)):
-            if len(value) != num_stages:
-                raise ValueError(f"{name} has {len(value)} entries for {num_stages} stages (depths={self.depths})")
-        set_("mixers", mixers)
-        set_("mixer_kwargs", mixer_kwargs)
-        if not isinstance(self.mlp_ratio, int | float):
-            set_("mlp_ratio", tuple(self.mlp_ratio))
-            if len(self.mlp_ratio) != num_stages:
-                raise ValueError(f"mlp_ratio has {len(self.mlp_ratio)} entries for {num_stages} stages")
-        if self.stem not in ("conv", "patch"):
-            raise ValueError(f"stem must be 'conv' or 'patch', got {self.stem!r}")
-
-    def stage_blocks(self, stage: int) -> tuple[list[str], list[dict[str, Any]]]:
-        """Mixer name and keyword arguments of each block of ``stage``."""
-        depth = self.depths[stage]
-        names, kwargs = self.mixers[stage], self.mixer_kwargs[stage]
-        names = [names] if isinstance(names, str) else list(names)
-        kwargs = [kwargs] if isinstance(kwargs, Mapping) else list(kwargs)
-        if not names or not kwargs:
-            raise ValueError(f"stage {stage} has an empty mixer or mixer_kwargs sequence")
-        names = list(itertools.islice(itertools.cycle(names), depth))
-        kwargs = [{**self.block_mixer_kwargs, **kw} for kw in itertools.islice(itertools.cycle(kwargs), depth)]
-        return names, kwargs
+__all__ = ["DownsampleCfg", "MixVit", "MixVitCfg", "OuterNormCfg", "StemCfg", "build_mixvit", "mixvit_cfg"]
 
 
-def check_images(model: nn.Module, x: torch.Tensor) -> None:
-    """Raise a ValueError naming the model unless ``x`` is floating-point ``(B, model.in_chans, H, W)`` of at
-    least ``model.min_input_size``."""
-    name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
-    if x.ndim != 4 or x.shape[1] != model.in_chans:
-        raise ValueError(f"{name} expects images (B, {model.in_chans}, H, W), got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(
-            f"{name} expects floating-point images normalised with its pretrained_cfg mean and std, got {x.dtype}"
-        )
-    min_h, min_w = model.min_input_size
-    if x.shape[2] < min_h or x.shape[3] < min_w:
-        raise ValueError(f"{name} needs inputs of at least {min_h}x{min_w}, got {x.shape[2]}x{x.shape[3]}")
+def _with_eps(norm_layer: Callable[..., nn.Module], eps: float | None) -> Callable[..., nn.Module]:
+    return norm_layer if eps is None else partial(norm_layer, eps=eps)
+
+
+def _outer_norm_layer(cfg: MixVitCfg, norm_layer: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """The norm of the stem, the downsamplings and the final norm: ``norm_layer`` unless the cfg names one."""
+    layer = cfg.outer_norm.layer
+    if layer is None:
+        return norm_layer
+    return BatchNormCl if layer == "batchnorm" else get_norm_layer(layer)
+
+
+def _stem(cfg: MixVitCfg, in_chans: int, norm_layer: Callable[..., nn.Module]) -> nn.Module:
+    if cfg.stem.kind == "patch":
+        return PatchEmbedStem(in_chans, cfg.embed_dim[0], norm_layer)
+    act_layer = get_act_layer(cfg.stem.act) if cfg.stem.act else None
+    return ConvStem(in_chans, cfg.embed_dim[0], norm_layer, act_layer=act_layer)
 
 
 class MixVit(nn.Module):
@@ -161,18 +87,8 @@ class MixVit(nn.Module):
         self.global_pool = global_pool
         self.grad_checkpointing = False
         norm_layer = partial(get_norm_layer(cfg.norm_layer), eps=cfg.norm_eps)
-        conv_norm_layer = norm_layer
-        if cfg.conv_norm_layer is not None:
-            conv_norm_layer = BatchNormCl if cfg.conv_norm_layer == "batchnorm" else get_norm_layer(cfg.conv_norm_layer)
-
-        embed_norm_layer = conv_norm_layer
-        if cfg.embed_norm_eps is not None:
-            embed_norm_layer = partial(conv_norm_layer, eps=cfg.embed_norm_eps)
-        stem_act = get_act_layer(cfg.stem_act) if cfg.stem_act else None
-        if cfg.stem == "patch":
-            self.stem = PatchEmbedStem(in_chans, cfg.embed_dim[0], embed_norm_layer)
-        else:
-            self.stem = ConvStem(in_chans, cfg.embed_dim[0], embed_norm_layer, act_layer=stem_act)
+        outer_norm_layer = _outer_norm_layer(cfg, norm_layer)
+        self.stem = _stem(cfg, in_chans, _with_eps(outer_norm_layer, cfg.stem.norm_eps))
         rates = torch.linspace(0, drop_path_rate, sum(cfg.depths)).split(cfg.depths)
         stages, self.feature_info = [], []
         in_dim, reduction = cfg.embed_dim[0], 4
@@ -188,9 +104,9 @@ class MixVit(nn.Module):
                     drop_path=rates[i].tolist(),
                     downsample=i > 0,
                     norm_layer=norm_layer,
-                    downsample_norm_layer=embed_norm_layer,
-                    downsample_bias=cfg.downsample_bias,
-                    out_norm=cfg.stage_norm and i < len(cfg.depths) - 1,
+                    downsample_norm_layer=_with_eps(outer_norm_layer, cfg.downsample.norm_eps),
+                    downsample_bias=cfg.downsample.bias,
+                    out_norm=cfg.outer_norm.stage_end and i < len(cfg.depths) - 1,
                     pos_embed_kernel=cfg.pos_embed_kernel,
                     num_heads=heads,
                     mlp_ratio=cfg.mlp_ratio[i] if isinstance(cfg.mlp_ratio, tuple) else cfg.mlp_ratio,
@@ -202,7 +118,7 @@ class MixVit(nn.Module):
             in_dim = dim
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = in_dim
-        self.norm = conv_norm_layer(in_dim)
+        self.norm = outer_norm_layer(in_dim)
         self.head = ClassifierHead(in_dim, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC")
         self.min_input_size = self._min_input_size()
         self.apply(self._init_weights)
@@ -329,16 +245,16 @@ class MixVit(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def _wide(width: int, num_heads: tuple[int, ...]) -> MixVitCfg:
+    """NAT-Small's and NAT-Base's layout: depths 3/4/18/5, MLP ratio 2, LayerScale."""
+    embed_dim = tuple(width * 2**i for i in range(4))
+    return MixVitCfg(embed_dim, (3, 4, 18, 5), num_heads, mlp_ratio=2.0, layer_scale_init=1e-5)
+
+
 model_cfgs = {
     "mixvit_mini": MixVitCfg(depths=(3, 4, 6, 5)),
     "mixvit_tiny": MixVitCfg(depths=(3, 4, 18, 5)),
-    "mixvit_small": MixVitCfg(
-        embed_dim=(96, 192, 384, 768),
-        depths=(3, 4, 18, 5),
-        num_heads=(3, 6, 12, 24),
-        mlp_ratio=2.0,
-        layer_scale_init=1e-5,
-    ),
+    "mixvit_small": _wide(96, (3, 6, 12, 24)),
     "mixvit_tiny_neighborhood": MixVitCfg(
         depths=(3, 4, 18, 5), mixers="neighborhood", block_mixer_kwargs={"kernel_size": 7}
     ),
@@ -378,31 +294,13 @@ model_cfgs = {
         mixer_kwargs=tuple({"topk": topk} for topk in (1, 4, 16, 49)),
         block_mixer_kwargs={"n_win": 7},
     ),
-    "mixvit_base": MixVitCfg(
-        embed_dim=(128, 256, 512, 1024),
-        depths=(3, 4, 18, 5),
-        num_heads=(4, 8, 16, 32),
-        mlp_ratio=2.0,
-        layer_scale_init=1e-5,
-    ),
+    "mixvit_base": _wide(128, (4, 8, 16, 32)),
 }
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MixVit) -> dict[str, torch.Tensor]:
     """Unwrap ``{"state_dict": ...}`` / ``{"model": ...}`` containers; keys are already ours."""
-    for container in ("state_dict", "model"):
-        if container in state_dict and isinstance(state_dict[container], Mapping):
-            state_dict = state_dict[container]
-    return dict(state_dict)
-
-
-def rename_key(key: str, rules: Sequence[tuple[str, str | Callable[[re.Match], str]]]) -> str:
-    """``key`` renamed by the first of ``rules`` (regex, replacement) that matches it; unchanged if none does."""
-    for pattern, replacement in rules:
-        key, count = re.subn(pattern, replacement, key)
-        if count:
-            break
-    return key
+    return unwrap_state_dict(state_dict)
 
 
 def _split_cfg_kwargs(cfg: MixVitCfg, kwargs: dict[str, Any]) -> MixVitCfg:
@@ -435,77 +333,23 @@ def _create_mixvit(variant: str, pretrained: bool = False, **kwargs) -> MixVit:
 
 
 def mixvit_cfg(**kwargs) -> dict[str, Any]:
-    """timm pretrained cfg of a MixViT-layout model (module names of the stem and head)."""
+    """Pretrained cfg entries of a MixViT-layout model (module names of the stem and head), for
+    :func:`~visionzoo.backbones.helpers.generate_backbone_cfgs`."""
     return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
         "min_input_size": (3, 32, 32),
         "crop_pct": 0.9,
         "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
         "first_conv": "stem.conv1",
         "classifier": "head.fc",
-        "license": "apache-2.0",
         **kwargs,
     }
 
 
-default_cfgs = generate_default_cfgs({name: mixvit_cfg() for name in model_cfgs})
+_SIZES = ("mixvit_mini", "mixvit_tiny", "mixvit_small", "mixvit_base")
 
+# The sizes (smallest first in model_cfgs) are one family; a preset's mixers make it a family of its own.
+default_cfgs = generate_backbone_cfgs(
+    {name: mixvit_cfg(family="mixvit" if name in _SIZES else name) for name in model_cfgs}
+)
 
-@register_model
-def mixvit_mini(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_mixvit("mixvit_mini", pretrained, **kwargs)
-
-
-@register_model
-def mixvit_tiny(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_mixvit("mixvit_tiny", pretrained, **kwargs)
-
-
-@register_model
-def mixvit_small(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_mixvit("mixvit_small", pretrained, **kwargs)
-
-
-@register_model
-def mixvit_base(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_mixvit("mixvit_base", pretrained, **kwargs)
-
-
-@register_model
-def mixvit_tiny_neighborhood(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_mixvit("mixvit_tiny_neighborhood", pretrained, **kwargs)
-
-
-@register_model
-def mixvit_tiny_multi_axis(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_mixvit("mixvit_tiny_multi_axis", pretrained, **kwargs)
-
-
-@register_model
-def mixvit_tiny_halo(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_mixvit("mixvit_tiny_halo", pretrained, **kwargs)
-
-
-@register_model
-def mixvit_tiny_eca(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_mixvit("mixvit_tiny_eca", pretrained, **kwargs)
-
-
-@register_model
-def mixvit_tiny_ela(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_mixvit("mixvit_tiny_ela", pretrained, **kwargs)
-
-
-@register_model
-def mixvit_tiny_aggregated(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_mixvit("mixvit_tiny_aggregated", pretrained, **kwargs)
-
-
-@register_model
-def mixvit_tiny_routing(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_mixvit("mixvit_tiny_routing", pretrained, **kwargs)
+register_models(__name__, model_cfgs, _create_mixvit)

@@ -17,10 +17,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from timm.models import generate_default_cfgs, register_model
 
-from .mixvit import MixVit, MixVitCfg, build_mixvit, mixvit_cfg, rename_key
-from .mixvit import checkpoint_filter_fn as unwrap_state_dict
+from .helpers import convert_official_state_dict, generate_backbone_cfgs, register_models, rename_key
+from .mixvit import MixVit, MixVitCfg, build_mixvit, mixvit_cfg
 
 __all__ = ["checkpoint_filter_fn"]
 
@@ -68,80 +67,39 @@ _KEY_RULES = [
 _DOWNSAMPLE = re.compile(r"^levels\.(\d+)\.downsample\.(reduction|norm)\.")
 
 
+def _official_to_ours(key: str) -> str:
+    if match := _DOWNSAMPLE.match(key):  # levels.i.downsample is stages.(i+1).downsample
+        part = "conv" if match[2] == "reduction" else "norm"
+        return f"stages.{int(match[1]) + 1}.downsample.{part}.{key[match.end() :]}"
+    return rename_key(key, _KEY_RULES)
+
+
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: MixVit) -> dict[str, torch.Tensor]:
     """Map an official NAT/DiNAT state dict (``levels.*``, ``patch_embed.*``) onto ours.
 
     A state dict already in our layout passes through; ``{"model": ...}`` and
     ``{"state_dict": ...}`` containers are unwrapped.
     """
-    state_dict = unwrap_state_dict(dict(state_dict), model)
-    if not any(key.startswith(("levels.", "patch_embed.")) for key in state_dict):
-        return state_dict
-    out = {}
-    for key, value in state_dict.items():
-        if match := _DOWNSAMPLE.match(key):
-            part = "conv" if match[2] == "reduction" else "norm"
-            key = f"stages.{int(match[1]) + 1}.downsample.{part}.{key[match.end() :]}"
-        else:
-            key = rename_key(key, _KEY_RULES)
-        out[key] = value
-    return out
+    return convert_official_state_dict(state_dict, ("levels.", "patch_embed."), _official_to_ours)
 
 
 def _create_nat(variant: str, pretrained: bool = False, **kwargs) -> MixVit:
     return build_mixvit(variant, model_cfgs[variant], pretrained, filter_fn=checkpoint_filter_fn, **kwargs)
 
 
-def _cfg(url: str, **kwargs) -> dict[str, Any]:
-    return mixvit_cfg(url=url, crop_pct=0.875, license="mit", **kwargs)
-
-
 _NAT_URL = "https://shi-labs.com/projects/nat/checkpoints/CLS/{}.pth"
 _DINAT_URL = "https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/{}_in1k_224.pth"
 
-default_cfgs = generate_default_cfgs(
+
+def _cfg(url: str, family: str) -> dict[str, Any]:
+    return mixvit_cfg(url=url, crop_pct=0.875, license="mit", family=family)
+
+
+default_cfgs = generate_backbone_cfgs(
     {
-        **{f"{name}.in1k": _cfg(_NAT_URL.format(name)) for name in model_cfgs if name.startswith("nat_")},
-        **{f"{name}.in1k": _cfg(_DINAT_URL.format(name)) for name in model_cfgs if name.startswith("dinat_")},
+        **{f"{name}.in1k": _cfg(_NAT_URL.format(name), "nat") for name in model_cfgs if name.startswith("nat_")},
+        **{f"{name}.in1k": _cfg(_DINAT_URL.format(name), "dinat") for name in model_cfgs if name.startswith("dinat_")},
     }
 )
 
-
-@register_model
-def nat_mini(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_nat("nat_mini", pretrained, **kwargs)
-
-
-@register_model
-def nat_tiny(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_nat("nat_tiny", pretrained, **kwargs)
-
-
-@register_model
-def nat_small(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_nat("nat_small", pretrained, **kwargs)
-
-
-@register_model
-def nat_base(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_nat("nat_base", pretrained, **kwargs)
-
-
-@register_model
-def dinat_mini(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_nat("dinat_mini", pretrained, **kwargs)
-
-
-@register_model
-def dinat_tiny(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_nat("dinat_tiny", pretrained, **kwargs)
-
-
-@register_model
-def dinat_small(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_nat("dinat_small", pretrained, **kwargs)
-
-
-@register_model
-def dinat_base(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_nat("dinat_base", pretrained, **kwargs)
+register_models(__name__, model_cfgs, _create_nat)

@@ -20,10 +20,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from timm.models import generate_default_cfgs, register_model
 
-from .mixvit import MixVit, MixVitCfg, build_mixvit, mixvit_cfg, rename_key
-from .mixvit import checkpoint_filter_fn as unwrap_state_dict
+from .helpers import convert_official_state_dict, generate_backbone_cfgs, register_models, rename_key
+from .mixvit import MixVit, MixVitCfg, build_mixvit, mixvit_cfg
+from .mixvit_config import DownsampleCfg, OuterNormCfg, StemCfg
 
 __all__ = ["checkpoint_filter_fn", "transnext_cfg"]
 
@@ -47,10 +47,9 @@ def transnext_cfg(embed_dim, depths, num_heads, window_size=3, pretrain_size=224
         mlp_ratio=(8.0, 8.0, 4.0, 4.0),
         mlp_layer="conv_glu",
         norm_eps=1e-6,
-        stem="patch",
-        embed_norm_eps=1e-5,
-        downsample_bias=True,
-        stage_norm=True,
+        stem=StemCfg(kind="patch", norm_eps=1e-5),
+        downsample=DownsampleCfg(bias=True, norm_eps=1e-5),
+        outer_norm=OuterNormCfg(stage_end=True),
     )
 
 
@@ -78,6 +77,10 @@ _KEY_RULES = [
 _SIZE_BUFFERS = re.compile(r"(^relative_pos_index\d|^relative_coords_table\d|seq_length_scale$|padding_mask$)")
 
 
+def _official_to_ours(key: str) -> str | None:
+    return None if _SIZE_BUFFERS.search(key) else rename_key(key, _KEY_RULES)
+
+
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: MixVit) -> dict[str, torch.Tensor]:
     """Map an official TransNeXt state dict (``patch_embed1.*``, ``block1.0.*``, ``norm1.*``) onto ours.
 
@@ -85,16 +88,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: MixVit) 
     them for each input size. A state dict already in our layout passes through;
     ``{"model": ...}`` and ``{"state_dict": ...}`` containers are unwrapped.
     """
-    state_dict = unwrap_state_dict(dict(state_dict), model)
-    if not any(key.startswith(("patch_embed1.", "block1.")) for key in state_dict):
-        return state_dict
-    out = {}
-    for key, value in state_dict.items():
-        if _SIZE_BUFFERS.search(key):
-            continue
-        key = rename_key(key, _KEY_RULES)
-        out[key] = value
-    return out
+    return convert_official_state_dict(state_dict, ("patch_embed1.", "block1."), _official_to_ours)
 
 
 def _create_transnext(variant: str, pretrained: bool = False, **kwargs) -> MixVit:
@@ -108,10 +102,10 @@ _URL = "https://huggingface.co/DaiShiResearch/{repo}/resolve/main/{file}.pth?dow
 def _cfg(size: str, release: str, **kwargs) -> dict[str, Any]:
     name = f"transnext_{size}_{release}"
     url = _URL.format(repo=name.replace("_", "-"), file=name)
-    return mixvit_cfg(**{"url": url, "crop_pct": 0.875, "first_conv": "stem.conv", **kwargs})
+    return mixvit_cfg(**{"url": url, "crop_pct": 0.875, "first_conv": "stem.conv", "family": "transnext", **kwargs})
 
 
-default_cfgs = generate_default_cfgs(
+default_cfgs = generate_backbone_cfgs(
     {
         "transnext_micro.in1k": _cfg("micro", "224_1k"),
         "transnext_tiny.in1k": _cfg("tiny", "224_1k"),
@@ -123,21 +117,4 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-@register_model
-def transnext_micro(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_transnext("transnext_micro", pretrained, **kwargs)
-
-
-@register_model
-def transnext_tiny(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_transnext("transnext_tiny", pretrained, **kwargs)
-
-
-@register_model
-def transnext_small(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_transnext("transnext_small", pretrained, **kwargs)
-
-
-@register_model
-def transnext_base(pretrained: bool = False, **kwargs) -> MixVit:
-    return _create_transnext("transnext_base", pretrained, **kwargs)
+register_models(__name__, model_cfgs, _create_transnext)

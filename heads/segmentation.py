@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
 
+from visionzoo.backbones.helpers import unwrap_state_dict
+
 from .features import STAGE_STRIDES, FeatureBackbone
 
 __all__ = [
@@ -271,11 +273,8 @@ def convert_mmseg_heads(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
     """The decoder, neck and auxiliary-head entries of an mmsegmentation UPerNet or Semantic FPN checkpoint,
     renamed for :class:`Segmenter` (load with ``strict=False``: backbone entries are left out, since each
     backbone family maps its own keys through timm)."""
-    for container in ("state_dict", "model"):
-        if isinstance(state_dict.get(container), dict):
-            state_dict = state_dict[container]
     converted = {}
-    for key, value in state_dict.items():
+    for key, value in unwrap_state_dict(state_dict).items():
         key = re.sub(r"\.conv\.(?=[a-z_]+$)", ".0.", key)
         key = re.sub(r"\.bn\.(?=[a-z_]+$)", ".1.", key)
         for pattern, replacement in _MMSEG_PREFIXES:

@@ -13,14 +13,20 @@ from .aggregated import (
     length_scale,
     pooled_position_coords,
 )
-from .attention import dense_attention, dense_attention_reference
+from .attention import dense_attention, dense_attention_reference, dense_attention_weights
 from .dispatch import ENV_VAR, Capability, KernelOp, get_op, is_exporting, list_ops, use_backend
 from .halo import halo_attention, halo_attention_reference
-from .neighborhood import neighborhood_attention, neighborhood_attention_reference, neighborhood_windows
+from .neighborhood import (
+    neighborhood_attention,
+    neighborhood_attention_reference,
+    neighborhood_attention_weights,
+    neighborhood_windows,
+)
 from .routing import (
     bilevel_routing_attention,
     bilevel_routing_attention_gather,
     bilevel_routing_attention_reference,
+    bilevel_routing_attention_weights,
     route_regions,
 )
 from .windows import crop_map, pad_to_multiple, partition_windows, relative_position_index, unpartition_windows
@@ -35,9 +41,11 @@ __all__ = [
     "bilevel_routing_attention",
     "bilevel_routing_attention_gather",
     "bilevel_routing_attention_reference",
+    "bilevel_routing_attention_weights",
     "crop_map",
     "dense_attention",
     "dense_attention_reference",
+    "dense_attention_weights",
     "get_op",
     "halo_attention",
     "halo_attention_reference",
@@ -46,6 +54,7 @@ __all__ = [
     "list_ops",
     "neighborhood_attention",
     "neighborhood_attention_reference",
+    "neighborhood_attention_weights",
     "neighborhood_windows",
     "pad_to_multiple",
     "partition_windows",

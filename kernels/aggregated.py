@@ -40,7 +40,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .dispatch import AUTO, Capability, KernelOp, can_run_triton_on
+from .dispatch import AUTO, SINGLE_AND_HALF, Capability, KernelOp, Support, can_run_triton_on, triton_support
+from .geometry import cached_geometry as _cached_geometry
+from .geometry import check_window_size as _check_window
+from .geometry import length_scale
+from .geometry import scaled_queries as _scaled_queries
+from .geometry import window_mask as _window_geometry
 
 __all__ = [
     "aggregated_attention",
@@ -49,41 +54,6 @@ __all__ = [
     "length_scale",
     "pooled_position_coords",
 ]
-
-
-def _cached_geometry(fn):
-    """``lru_cache`` for index tables, built outside inference mode so that training may reuse them."""
-
-    @functools.lru_cache(maxsize=64)
-    @functools.wraps(fn)
-    def cached(*args):
-        with torch.inference_mode(False):
-            return fn(*args)
-
-    return cached
-
-
-def _check_window(window_size: int) -> None:
-    if window_size < 1 or window_size % 2 == 0:
-        raise ValueError(f"window_size must be odd and positive, got {window_size}")
-
-
-@_cached_geometry
-def _window_geometry(height: int, width: int, window_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """In-image mask ``(H, W, window**2)`` of every window position and its count ``(H, W)``."""
-    radius = window_size // 2
-    offsets = torch.arange(-radius, radius + 1, device=device)
-    rows = torch.arange(height, device=device)[:, None] + offsets  # (H, window)
-    cols = torch.arange(width, device=device)[:, None] + offsets
-    row_ok, col_ok = (rows >= 0) & (rows < height), (cols >= 0) & (cols < width)
-    valid = (row_ok[:, None, :, None] & col_ok[None, :, None, :]).reshape(height, width, -1)
-    return valid, valid.sum(-1)
-
-
-def length_scale(height: int, width: int, window_size: int, pool_len: int, device: torch.device | str = "cpu"):
-    """``log(n_i + P)`` per query ``(H, W)``, rounded to float32 as the official buffer is."""
-    _, count = _window_geometry(height, width, window_size, torch.device(device))
-    return torch.log(count.double() + pool_len).float()
 
 
 @_cached_geometry
@@ -150,15 +120,6 @@ def _window_sum(weights: torch.Tensor, values: torch.Tensor, window_size: int) -
     return torch.einsum("bhijo,bhijod->bhijd", weights, _windows(values, window_size))
 
 
-def _scaled_queries(q, query_embedding, logit_scale, window_size, pool_len):
-    """Normalised queries and the length-scaled cosine queries ``(q_hat)`` of the logits."""
-    heads, height, width = q.shape[1], q.shape[2], q.shape[3]
-    q_norm = F.normalize(q, dim=-1)
-    scale = length_scale(height, width, window_size, pool_len, q.device).to(q.dtype)
-    q_hat = (q_norm + query_embedding.reshape(heads, 1, 1, -1)) * logit_scale.reshape(heads, 1, 1, 1)
-    return q_norm, q_hat * scale[..., None]
-
-
 def _learnable_affinity(q_norm, learnable_tokens, learnable_bias):
     """The learnable tokens' weights on the window ``(B, h, H, W, window**2)``, added after the softmax."""
     heads = q_norm.shape[1]
@@ -217,7 +178,7 @@ def aggregated_attention_unfold(
     return out.reshape(batch, heads, height, width, dim)
 
 
-_op = KernelOp("aggregated_attention", aggregated_attention_reference)
+_op = KernelOp("aggregated_attention", aggregated_attention_reference, priority=("flex", "triton"))
 
 
 _MAX_UNFUSED_SCORE_BYTES = 2**30
@@ -251,7 +212,7 @@ def _flex_block_mask(height: int, width: int, pool_len: int, window_size: int, d
     return create_block_mask(mask_mod, None, None, tokens, tokens + pool_len, device=device)
 
 
-@_op.register("flex", can_run_flex, auto_devices=())
+@_op.register("flex", can_run_flex, declares=Support(("cpu", "cuda"), SINGLE_AND_HALF, ("cuda",)), auto_devices=())
 def aggregated_attention_flex(
     q, k, v, k_pool, v_pool, query_embedding, logit_scale, rpb, pool_bias, learnable_tokens, learnable_bias, window_size
 ):
@@ -298,7 +259,7 @@ def can_run_triton(
     return Capability.yes()
 
 
-@_op.register("triton", can_run_triton, auto_devices=("cuda",))
+@_op.register("triton", can_run_triton, declares=triton_support(), auto_devices=("cuda",))
 def aggregated_attention_triton(*args):
     from .triton_aggregated import aggregated_attention_triton as fused  # imports triton: only when called
 

@@ -10,30 +10,42 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import AUTO, Capability, KernelOp
+from .dispatch import AUTO, FLOAT_DTYPES, Capability, KernelOp, Support
 from .precision import float32_logits
 
-__all__ = ["dense_attention", "dense_attention_reference"]
+__all__ = ["dense_attention", "dense_attention_reference", "dense_attention_weights"]
 
 
-def dense_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    scale: float | None = None,
+def dense_attention_reference(q, k, v, bias=None, scale=None) -> torch.Tensor:
+    """Explicit softmax attention, arguments as :func:`dense_attention`; logits and softmax run in at least
+    float32 precision."""
+    return dense_attention_weights(q, k, bias, scale).to(v.dtype) @ v
+
+
+def dense_attention_weights(
+    q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None = None, scale: float | None = None
 ) -> torch.Tensor:
-    """Explicit softmax attention; logits and softmax run in at least float32 precision."""
+    """The attention weights of :func:`dense_attention_reference`: ``softmax(q k^T * scale + bias)``.
+
+    Args:
+        q: queries ``(B, heads, N, head_dim)``: any subset of the queries (the weights of a row do not
+            depend on the other queries).
+        k: keys ``(B, heads, M, head_dim)``.
+        bias: additive float bias or boolean keep-mask, broadcastable to ``(B, heads, N, M)``.
+        scale: logit scale; ``head_dim ** -0.5`` when None.
+
+    Returns:
+        ``(B, heads, N, M)``, each row summing to 1, in at least float32.
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     with float32_logits(q, k) as (q32, k32):  # float16 q . k overflows at large activations
         logits = (q32 * scale) @ k32.transpose(-2, -1)
         if bias is not None:
             logits = logits.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else logits + bias
-        weights = logits.softmax(dim=-1).to(v.dtype)
-    return weights @ v
+        return logits.softmax(dim=-1)
 
 
-_op = KernelOp("dense_attention", dense_attention_reference)
+_op = KernelOp("dense_attention", dense_attention_reference, priority=("sdpa",), features=("bias", "mask"))
 
 
 def can_run_sdpa(q, k, v, bias=None, scale=None) -> Capability:
@@ -46,7 +58,10 @@ def can_run_sdpa(q, k, v, bias=None, scale=None) -> Capability:
     return Capability.yes()
 
 
-@_op.register("sdpa", can_run_sdpa)
+_EVERYWHERE = ("cpu", "cuda")
+
+
+@_op.register("sdpa", can_run_sdpa, declares=Support(_EVERYWHERE, FLOAT_DTYPES, _EVERYWHERE, ("bias", "mask")))
 def dense_attention_sdpa(q, k, v, bias=None, scale=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 

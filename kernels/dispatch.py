@@ -7,13 +7,18 @@ backends. A call picks one by precedence:
 2. an explicit ``backend=`` argument;
 3. the innermost :func:`use_backend` context;
 4. the ``VISIONZOO_BACKEND`` environment variable;
-5. ``"auto"``: the first fast backend, in registration order, whose capability
+5. ``"auto"``: the first fast backend, in the op's declared ``priority``, whose capability
    predicate accepts the inputs, else ``reference``.
 
 A forced backend (2-4) that the op has but that cannot run these inputs raises with the
 predicate's reason; a context or environment choice that the op does not have at all
 falls through to ``auto`` (so ``VISIONZOO_BACKEND=natten`` still lets dense attention
 run). Declines are logged at DEBUG level on the ``visionzoo.kernels`` logger.
+
+Every backend also declares what it supports (:class:`Support`: devices, dtypes, where it
+computes gradients, which optional inputs it takes). Dispatch never reads a declaration; the
+parity tests (``tests/test_backend_parity.py``) run every case a declaration covers and fail
+when the capability predicate declines one.
 """
 
 from __future__ import annotations
@@ -31,14 +36,20 @@ __all__ = [
     "AUTO",
     "BACKENDS",
     "ENV_VAR",
+    "FLOAT_DTYPES",
     "REFERENCE",
+    "SINGLE_AND_HALF",
     "TRITON_DTYPES",
     "Capability",
     "KernelOp",
+    "Support",
     "can_run_triton_on",
     "get_op",
+    "if_installed",
     "is_exporting",
     "list_ops",
+    "needs_grad",
+    "triton_support",
     "use_backend",
 ]
 
@@ -46,6 +57,8 @@ AUTO = "auto"
 REFERENCE = "reference"
 ENV_VAR = "VISIONZOO_BACKEND"
 BACKENDS = (REFERENCE, "sdpa", "flex", "natten", "triton")
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+SINGLE_AND_HALF = (torch.float32, torch.float16, torch.bfloat16)
 
 _log = logging.getLogger("visionzoo.kernels")
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("visionzoo_backend", default=None)
@@ -71,6 +84,31 @@ class Capability:
         return cls(False, reason)
 
 
+@dataclass(frozen=True)
+class Support:
+    """What a backend declares it runs, read by the tests (and tools), never by dispatch.
+
+    Args:
+        devices: device types it runs on: ``"cuda"``, ``"cpu"``, or ``"cpu-interpreter"`` (CPU
+            tensors under Triton's interpreter, ``TRITON_INTERPRET=1``).
+        dtypes: dtypes it takes.
+        backward: the device types (as in ``devices``) on which it also computes gradients.
+        features: the optional inputs of the op it takes (names from the op's ``features``).
+    """
+
+    devices: tuple[str, ...] = ()
+    dtypes: tuple[torch.dtype, ...] = ()
+    backward: tuple[str, ...] = ()
+    features: tuple[str, ...] = ()
+
+
+def if_installed(module: str, support: Support) -> Callable[[], Support]:
+    """A declaration that holds where ``module`` is importable; elsewhere the backend declares nothing."""
+    import importlib.util
+
+    return lambda: support if importlib.util.find_spec(module) is not None else Support()
+
+
 def _always(*args, **kwargs) -> Capability:
     return Capability.yes()
 
@@ -79,6 +117,7 @@ def _always(*args, **kwargs) -> Capability:
 class _Backend:
     fn: Callable
     can_run: Callable[..., Capability]
+    declares: Support | Callable[[], Support]
     auto_devices: tuple[str, ...] | None = None
 
 
@@ -96,6 +135,11 @@ def is_exporting() -> bool:
     )
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether gradients are on and some of ``tensors`` (None ignored) require them."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Force ``name`` for every op called inside the block (``"auto"`` lifts an outer force)."""
@@ -111,40 +155,64 @@ class KernelOp:
 
     Args:
         name: op name, unique across the package.
-        reference: the plain-PyTorch implementation every backend is tested against.
+        reference: the plain-PyTorch implementation every backend is tested against; it
+            supports every device, dtype and feature, with gradients.
+        priority: the fast backends in the order ``auto`` tries them; only these may register.
+        features: names of the op's optional inputs or variants a backend may or may not take
+            (e.g. ``"rpb"``), for the backends' :class:`Support` declarations.
     """
 
-    def __init__(self, name: str, reference: Callable):
+    def __init__(self, name: str, reference: Callable, priority: tuple[str, ...] = (), features: tuple[str, ...] = ()):
         if name in _OPS:
             raise ValueError(f"kernel op {name!r} is already registered")
+        unknown = [b for b in priority if b not in BACKENDS or b == REFERENCE]
+        if unknown or len(set(priority)) != len(priority):
+            raise ValueError(f"{name}: priority must list distinct fast backends of {BACKENDS[1:]}, got {priority}")
         self.name = name
-        self._backends: dict[str, _Backend] = {REFERENCE: _Backend(reference, _always)}
+        self.priority = priority
+        self.features = features
+        everything = Support(("cpu", "cuda"), FLOAT_DTYPES, ("cpu", "cuda"), features)
+        self._backends: dict[str, _Backend] = {REFERENCE: _Backend(reference, _always, everything)}
         _OPS[name] = self
 
     @property
     def backends(self) -> list[str]:
-        """Backend names in auto order: fast backends by registration, ``reference`` last."""
-        fast = [b for b in self._backends if b != REFERENCE]
-        return [*fast, REFERENCE]
+        """Backend names in auto order: the registered fast backends by ``priority``, ``reference`` last."""
+        return [*(b for b in self.priority if b in self._backends), REFERENCE]
 
     def register(
-        self, name: str, can_run: Callable[..., Capability], auto_devices: tuple[str, ...] | None = None
+        self,
+        name: str,
+        can_run: Callable[..., Capability],
+        declares: Support | Callable[[], Support],
+        auto_devices: tuple[str, ...] | None = None,
     ) -> Callable[[Callable], Callable]:
         """Decorator registering ``fn`` as backend ``name``, gated by ``can_run(*args, **kwargs)``.
 
-        ``auto_devices`` limits automatic choice to these device types (where the backend was
-        measured faster than ``reference``); it still runs anywhere when forced.
+        ``declares`` says what it supports (or is a function that says so when asked, for a
+        declaration that depends on what is installed); ``can_run`` must accept every input it
+        covers. ``auto_devices`` limits automatic choice to these device types (where the backend
+        was measured faster than ``reference``); it still runs anywhere when forced.
         """
-        if name not in BACKENDS:
-            raise ValueError(f"{self.name}: backend names are {BACKENDS}, got {name!r}")
+        if name not in self.priority:
+            raise ValueError(f"{self.name}: backend {name!r} is not in the op's priority {self.priority}")
         if name in self._backends:
             raise ValueError(f"{self.name}: backend {name!r} is already registered")
+        if isinstance(declares, Support) and not set(declares.features) <= set(self.features):
+            raise ValueError(f"{self.name}: {name} declares features beyond the op's {self.features}")
 
         def decorator(fn: Callable) -> Callable:
-            self._backends[name] = _Backend(fn, can_run, auto_devices)
+            self._backends[name] = _Backend(fn, can_run, declares, auto_devices)
             return fn
 
         return decorator
+
+    def declared(self, backend: str) -> Support:
+        """What ``backend`` declares it supports (nothing for a backend the op lacks)."""
+        if backend not in self._backends:
+            return Support()
+        declares = self._backends[backend].declares
+        return declares if isinstance(declares, Support) else declares()
 
     def supports(self, backend: str, *args, **kwargs) -> Capability:
         """Whether ``backend`` can run these arguments, and why not."""
@@ -190,7 +258,14 @@ class KernelOp:
         return self._backends[name].fn(*args, **kwargs)
 
 
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_DTYPES = SINGLE_AND_HALF
+_TRITON_DEVICES = ("cuda", "cpu-interpreter")
+
+
+def triton_support(features: tuple[str, ...] = ()) -> Callable[[], Support]:
+    """The declaration of a Triton backend: CUDA or the interpreter, fp32/fp16/bf16, forward and
+    backward, with these features, where triton is installed."""
+    return if_installed("triton", Support(_TRITON_DEVICES, TRITON_DTYPES, _TRITON_DEVICES, features))
 
 
 def can_run_triton_on(*tensors: torch.Tensor | None) -> Capability:

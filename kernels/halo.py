@@ -99,11 +99,11 @@ def halo_attention(
     scale: float | None = None,
     backend: str = AUTO,
 ) -> torch.Tensor:
-    """Blocked local attention with a halo.
+    """Blocked local attention: each ``b x b`` block of queries attends to its window grown by a halo.
 
     Args:
         q: queries ``(B, heads, H, W, d)``, H and W multiples of ``block_size``.
-        k: keys, same shape.
+        k: keys, shaped like ``q``.
         v: values ``(B, heads, H, W, dv)``.
         block_size: query block size b.
         halo_size: halo h around each block.

@@ -29,51 +29,28 @@ import functools
 
 import torch
 
-from .dispatch import AUTO, Capability, KernelOp, can_run_triton_on, is_exporting
+from .dispatch import (
+    AUTO,
+    SINGLE_AND_HALF,
+    Capability,
+    KernelOp,
+    Support,
+    can_run_triton_on,
+    is_exporting,
+    needs_grad,
+    triton_support,
+)
+from .geometry import check_neighborhood as _check_window
+from .geometry import neighborhood_windows
+from .geometry import windows_1d as _windows_1d
 from .precision import float32_logits
 
-__all__ = ["neighborhood_attention", "neighborhood_attention_reference", "neighborhood_windows"]
-
-
-@functools.lru_cache(maxsize=256)
-def _windows_1d(length: int, kernel_size: int, dilation: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    index = torch.arange(length, device=device)
-    group, position = index % dilation, index // dilation
-    group_length = (length - group + dilation - 1) // dilation
-    start = torch.minimum((position - kernel_size // 2).clamp(min=0), group_length - kernel_size)
-    steps = torch.arange(kernel_size, device=device)
-    keys = (start * dilation + group)[:, None] + steps * dilation
-    bias = (start - position + kernel_size - 1)[:, None] + steps
-    return keys, bias
-
-
-def neighborhood_windows(
-    length: int, kernel_size: int, dilation: int = 1, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key positions and RPB-table indices of every query along one axis.
-
-    Returns:
-        ``keys`` and ``bias_index``, both ``(length, kernel_size)``: query ``i`` attends to
-        positions ``keys[i]`` and adds ``rpb[..., bias_index[i]]`` along this axis.
-    """
-    _check_window(length, kernel_size, dilation)
-    return _windows_1d(length, kernel_size, dilation, torch.device(device))
-
-
-def _check_window(length: int, kernel_size: int, dilation: int) -> None:
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
-    if dilation < 1:
-        raise ValueError(f"dilation must be positive, got {dilation}")
-    if length < kernel_size * dilation:
-        raise ValueError(
-            f"neighborhood attention needs maps of at least kernel_size * dilation = {kernel_size * dilation} "
-            f"along each axis, got {length} (pad the input, as NAT does)"
-        )
-
-
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+__all__ = [
+    "neighborhood_attention",
+    "neighborhood_attention_reference",
+    "neighborhood_attention_weights",
+    "neighborhood_windows",
+]
 
 
 def _without_grad_on_cpu(*tensors):
@@ -159,20 +136,53 @@ class _NeighborhoodAttention(torch.autograd.Function):
         return grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype), grad_bias, None, None, None
 
 
+def _windows_and_bias(q, kernel_size, dilation, rpb):
+    """Every query's key rows ``(H, k)`` and columns ``(W, k)``, and its window's RPB in ``q``'s dtype (or None)."""
+    rows, bias_rows = neighborhood_windows(q.shape[2], kernel_size, dilation, q.device)
+    cols, bias_cols = neighborhood_windows(q.shape[3], kernel_size, dilation, q.device)
+    bias = None if rpb is None else _gathered_bias(rpb, bias_rows, bias_cols).to(q.dtype)
+    return rows, cols, bias
+
+
 def neighborhood_attention_reference(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
     """Plain-PyTorch neighborhood attention; see :func:`neighborhood_attention`."""
-    height, width = q.shape[2], q.shape[3]
-    rows, bias_rows = neighborhood_windows(height, kernel_size, dilation, q.device)
-    cols, bias_cols = neighborhood_windows(width, kernel_size, dilation, q.device)
+    rows, cols, bias = _windows_and_bias(q, kernel_size, dilation, rpb)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k, v = k.to(q.dtype), v.to(q.dtype)  # one precision throughout (autocast may mix them)
-    bias = None if rpb is None else _gathered_bias(rpb, bias_rows, bias_cols).to(q.dtype)
-    if _needs_grad(q, k, v, bias) and not is_exporting():
+    if needs_grad(q, k, v, bias) and not is_exporting():
         return _NeighborhoodAttention.apply(q, k, v, bias, rows, cols, scale)
     return _window_sums(_attention_weights(q, k, rows, cols, bias, scale), v, rows, cols)
 
 
-_op = KernelOp("neighborhood_attention", neighborhood_attention_reference)
+def neighborhood_attention_weights(q, k, kernel_size, dilation=1, rpb=None, scale=None):
+    """The attention weights of :func:`neighborhood_attention_reference`, and where their keys are.
+
+    Args:
+        q: queries ``(B, heads, H, W, head_dim)``; H and W at least ``kernel_size * dilation``.
+        k: keys, same shape.
+        kernel_size: odd window size.
+        dilation: spacing between the window's keys.
+        rpb: relative position bias ``(heads, 2 * kernel_size - 1, 2 * kernel_size - 1)``.
+        scale: logit scale; ``head_dim ** -0.5`` when None.
+
+    Returns:
+        ``weights`` ``(B, heads, H, W, kernel_size**2)``, each query's softmax over its window (row-major),
+        and ``keys`` ``(B, H, W, kernel_size**2)``: the flat position ``row * W + col`` of each of those keys.
+    """
+    rows, cols, bias = _windows_and_bias(q, kernel_size, dilation, rpb)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    weights = _attention_weights(q, k.to(q.dtype), rows, cols, bias, scale)
+    keys = (rows[:, None, :, None] * q.shape[3] + cols[None, :, None, :]).flatten(-2)
+    return weights.flatten(-2), keys.expand(q.shape[0], -1, -1, -1)
+
+
+# natten first: its fused kernels keep priority where they run (no RPB); flex is never automatic.
+_op = KernelOp(
+    "neighborhood_attention",
+    neighborhood_attention_reference,
+    priority=("natten", "flex", "triton"),
+    features=("rpb", "float32_rpb", "dilation"),  # float32_rpb: an fp32 table beside half activations (autocast)
+)
 
 
 def can_run_natten(q, k, v, kernel_size, dilation=1, rpb=None, scale=None) -> Capability:
@@ -184,14 +194,26 @@ def can_run_natten(q, k, v, kernel_size, dilation=1, rpb=None, scale=None) -> Ca
         return Capability.no("natten >= 0.20 has no relative position bias")
     if q.device.type == "cuda" and not natten.HAS_LIBNATTEN:
         return Capability.no("natten was built without libnatten: on CUDA it would run unfused flex attention")
-    if q.device.type != "cuda" and _needs_grad(q, k, v):
+    if q.device.type != "cuda" and needs_grad(q, k, v):
         return Capability.no(f"natten on {q.device.type} is forward-only")
     if not q.dtype == k.dtype == v.dtype:
         return Capability.no("mixed dtypes")
     return Capability.yes()
 
 
-@_op.register("natten", can_run_natten, auto_devices=("cuda",))
+def _natten_support() -> Support:
+    """Forward only on CPU; on CUDA, with gradients, only where natten was built with libnatten."""
+    import importlib.util
+
+    if importlib.util.find_spec("natten") is None:
+        return Support()
+    import natten
+
+    devices = ("cpu", "cuda") if natten.HAS_LIBNATTEN else ("cpu",)
+    return Support(devices, SINGLE_AND_HALF, backward=("cuda",), features=("dilation",))
+
+
+@_op.register("natten", can_run_natten, declares=_natten_support, auto_devices=("cuda",))
 def neighborhood_attention_natten(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
     import natten
 
@@ -234,7 +256,7 @@ def _flex_block_mask(height: int, width: int, kernel_size: int, dilation: int, d
 
 
 def can_run_flex(q, k, v, kernel_size, dilation=1, rpb=None, scale=None) -> Capability:
-    if q.device.type != "cuda" and _needs_grad(q, k, v, rpb):
+    if q.device.type != "cuda" and needs_grad(q, k, v, rpb):
         return Capability.no(f"flex_attention on {q.device.type} is forward-only")
     if not q.dtype == k.dtype == v.dtype:
         return Capability.no("mixed dtypes")
@@ -244,7 +266,12 @@ def can_run_flex(q, k, v, kernel_size, dilation=1, rpb=None, scale=None) -> Capa
 # Never chosen automatically: compiled on CUDA it was 5-8x faster than the reference at 56x56
 # without RPB, but each call builds a new score_mod, so torch.compile recompiles until its
 # limit and then runs unfused (docs/benchmarks.md). Force it with backend="flex".
-@_op.register("flex", can_run_flex, auto_devices=())
+@_op.register(
+    "flex",
+    can_run_flex,
+    declares=Support(("cpu", "cuda"), SINGLE_AND_HALF, ("cuda",), ("rpb", "float32_rpb", "dilation")),
+    auto_devices=(),
+)
 def neighborhood_attention_flex(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -290,8 +317,9 @@ def can_run_triton(q, k, v, kernel_size, dilation=1, rpb=None, scale=None) -> Ca
     return Capability.yes()
 
 
-# After natten and flex: natten's fused kernels keep priority where they run (no RPB).
-@_op.register("triton", can_run_triton, auto_devices=("cuda",))
+@_op.register(
+    "triton", can_run_triton, declares=triton_support(("rpb", "float32_rpb", "dilation")), auto_devices=("cuda",)
+)
 def neighborhood_attention_triton(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
     from .triton_neighborhood import neighborhood_attention_triton as fused  # imports triton: only when called
 

@@ -38,93 +38,34 @@ import functools
 
 import torch
 
-from .dispatch import AUTO, Capability, KernelOp, can_run_triton_on, is_exporting
+from .dispatch import (
+    AUTO,
+    SINGLE_AND_HALF,
+    Capability,
+    KernelOp,
+    Support,
+    can_run_triton_on,
+    is_exporting,
+    needs_grad,
+    triton_support,
+)
+from .geometry import check_grid as _check_grid
+from .geometry import regions as _regions
+from .geometry import route_regions
+from .geometry import unregions as _unregions
+from .geometry import valid_or_none as _valid_or_none
 from .precision import float32_logits
 
 __all__ = [
     "bilevel_routing_attention",
     "bilevel_routing_attention_gather",
     "bilevel_routing_attention_reference",
+    "bilevel_routing_attention_weights",
     "route_regions",
 ]
 
 # Logits of one chunk of query regions stay below this many elements (128 MiB in fp32).
 _CHUNK_ELEMENTS = 2**25
-
-
-def _check_grid(height: int, width: int, n_win: int) -> None:
-    if n_win < 1:
-        raise ValueError(f"n_win must be positive, got {n_win}")
-    if height % n_win or width % n_win:
-        raise ValueError(
-            f"bilevel routing attention needs maps that are multiples of n_win {n_win}, got {height}x{width}; "
-            "pad them (the routing mixer does)"
-        )
-
-
-def _regions(x: torch.Tensor, n_win: int) -> torch.Tensor:
-    """``(B, h, H, W, d)`` to ``(B, h, n_win**2, region_tokens, d)``, regions and tokens row-major."""
-    batch, heads, height, width, dim = x.shape
-    rh, rw = height // n_win, width // n_win
-    x = x.reshape(batch, heads, n_win, rh, n_win, rw, dim).transpose(3, 4)
-    return x.reshape(batch, heads, n_win * n_win, rh * rw, dim)
-
-
-def _unregions(x: torch.Tensor, n_win: int, height: int, width: int) -> torch.Tensor:
-    batch, heads, _, _, dim = x.shape
-    x = x.reshape(batch, heads, n_win, n_win, height // n_win, width // n_win, dim).transpose(3, 4)
-    return x.reshape(batch, heads, height, width, dim)
-
-
-@functools.lru_cache(maxsize=64)
-def _valid_tokens(height: int, width: int, valid_h: int, valid_w: int, n_win: int, device: torch.device):
-    """Real (not padded) tokens in region layout: ``(n_win**2, region_tokens)`` bool."""
-    rows = torch.arange(height, device=device)[:, None] < valid_h
-    cols = torch.arange(width, device=device)[None, :] < valid_w
-    return _regions((rows & cols)[None, None, :, :, None], n_win)[0, 0, :, :, 0]
-
-
-def _valid_or_none(q: torch.Tensor, n_win: int, valid_size: tuple[int, int] | None) -> torch.Tensor | None:
-    height, width = q.shape[2], q.shape[3]
-    if valid_size is None or tuple(valid_size) == (height, width):
-        return None
-    valid_h, valid_w = valid_size
-    if not (0 < valid_h <= height and 0 < valid_w <= width):
-        raise ValueError(f"valid_size {tuple(valid_size)} must lie within the {height}x{width} map")
-    return _valid_tokens(height, width, valid_h, valid_w, n_win, q.device)
-
-
-def route_regions(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    n_win: int,
-    topk: int,
-    scale: float | None = None,
-    valid_size: tuple[int, int] | None = None,
-) -> torch.Tensor:
-    """Level one: the ``min(topk, n_win**2)`` key regions of every query region, ``(B, n_win**2, topk)``.
-
-    Regions are numbered row-major over the ``n_win x n_win`` grid. No gradient flows here.
-    """
-    _check_grid(q.shape[2], q.shape[3], n_win)
-    if topk < 1:
-        raise ValueError(f"topk must be positive, got {topk}")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    valid = _valid_or_none(q, n_win, valid_size)
-    q_regions, k_regions = _regions(q.detach(), n_win), _regions(k.detach(), n_win)
-    if valid is None:
-        q_mean, k_mean = q_regions.mean(-2), k_regions.mean(-2)
-    else:
-        weights = valid.to(q.dtype) / valid.sum(-1, keepdim=True).clamp(min=1)
-        q_mean = torch.einsum("bhrtd,rt->bhrd", q_regions, weights)
-        k_mean = torch.einsum("bhrtd,rt->bhrd", k_regions, weights)
-    # all heads together: (B, regions, heads * d)
-    q_mean, k_mean = q_mean.transpose(1, 2).flatten(2), k_mean.transpose(1, 2).flatten(2)
-    with float32_logits(q_mean, k_mean) as (q_mean, k_mean):  # float16 would overflow at large activations
-        affinity = (q_mean * scale) @ k_mean.transpose(-1, -2)
-    if valid is not None:  # regions made only of padding come last
-        affinity = affinity.masked_fill(~valid.any(-1), float("-inf"))
-    return torch.topk(affinity, k=min(topk, affinity.shape[-1]), dim=-1).indices
 
 
 def _routed(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -159,6 +100,11 @@ def _logits(q, k, bias, scale):
     return logits if bias is None else logits + bias
 
 
+def _routed_logits(q, k, index, valid, scale):
+    """Logits of region queries ``(B, h, c, T, d)`` over the tokens of their routed regions: ``(B, h, c, T, k*T)``."""
+    return _logits(q, _routed(k, index), _key_bias(valid, index, q.dtype), scale)
+
+
 def _chunks(q: torch.Tensor, index: torch.Tensor):
     """Slices over query regions so that one chunk's logits stay below ``_CHUNK_ELEMENTS``."""
     batch, heads, regions, tokens, _ = q.shape
@@ -172,7 +118,7 @@ def _attend(q, k, v, index, valid, scale, with_lse=False):
     outs, lses = [], []
     for part in _chunks(q, index):
         idx = index[:, part]
-        logits = _logits(q[:, :, part], _routed(k, idx), _key_bias(valid, idx, q.dtype), scale)
+        logits = _routed_logits(q[:, :, part], k, idx, valid, scale)
         if with_lse:
             lses.append(logits.logsumexp(-1, keepdim=True))
         outs.append(logits.softmax(-1).to(v.dtype) @ _routed(v, idx))
@@ -213,29 +159,62 @@ class _RoutingAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None, None
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def _route(q, k, n_win, topk, scale, valid_size):
+    """The scale (``head_dim ** -0.5`` when None), the routed regions and the real tokens (or None)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return scale, route_regions(q, k, n_win, topk, scale, valid_size), _valid_or_none(q, n_win, valid_size)
 
 
 def bilevel_routing_attention_reference(q, k, v, n_win, topk, scale=None, valid_size=None):
     """Plain-PyTorch bi-level routing attention; see :func:`bilevel_routing_attention`."""
     height, width = q.shape[2], q.shape[3]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    index = route_regions(q, k, n_win, topk, scale, valid_size)
-    valid = _valid_or_none(q, n_win, valid_size)
+    scale, index, valid = _route(q, k, n_win, topk, scale, valid_size)
     q_r, k_r, v_r = _regions(q, n_win), _regions(k, n_win), _regions(v, n_win)
-    if _needs_grad(q, k, v) and not is_exporting():
+    if needs_grad(q, k, v) and not is_exporting():
         out = _RoutingAttention.apply(q_r, k_r, v_r, index, valid, scale)
     else:
         out = _attend(q_r, k_r, v_r, index, valid, scale)[0]
     return _unregions(out, n_win, height, width)
 
 
-_op = KernelOp("bilevel_routing_attention", bilevel_routing_attention_reference)
+def bilevel_routing_attention_weights(q, k, n_win, topk, scale=None, valid_size=None):
+    """The attention weights of :func:`bilevel_routing_attention_reference`, and where their keys are.
+
+    All queries at once (no chunks): memory ``heads * H * W * topk * region_tokens``.
+
+    Args:
+        q: queries ``(B, heads, H, W, head_dim)``, H and W multiples of ``n_win``.
+        k: keys, same shape.
+        n_win: regions per side.
+        topk: routed regions per query region.
+        scale: logit scale of both levels; ``head_dim ** -0.5`` when None.
+        valid_size: ``(h, w)`` of the real tokens at the top left; padded keys get weight 0.
+
+    Returns:
+        ``weights`` ``(B, heads, H, W, topk * region_tokens)``, each query's softmax over the tokens of its
+        region's routed regions (in routing order, each region row-major), in at least float32; and ``keys``
+        ``(B, H, W, topk * region_tokens)``: the flat position ``row * W + col`` of each of those keys.
+    """
+    height, width = q.shape[2], q.shape[3]
+    scale, index, valid = _route(q, k, n_win, topk, scale, valid_size)
+    weights = _routed_logits(_regions(q, n_win), _regions(k, n_win), index, valid, scale).softmax(-1)
+    positions = torch.arange(height * width, device=q.device).view(1, 1, height, width, 1)
+    keys = _routed(_regions(positions, n_win).expand(q.shape[0], -1, -1, -1, -1), index)  # (B, 1, R, k*T, 1)
+    region_tokens = (height // n_win) * (width // n_win)
+    keys = keys.transpose(-1, -2).expand(-1, -1, -1, region_tokens, -1)  # the same keys for every query of a region
+    return _unregions(weights, n_win, height, width), _unregions(keys, n_win, height, width)[:, 0]
+
+
+_op = KernelOp(
+    "bilevel_routing_attention",
+    bilevel_routing_attention_reference,
+    priority=("flex", "triton"),
+    features=("valid_size", "value_dim"),  # value_dim: values with their own head dim
+)
 
 
 def can_run_flex(q, k, v, n_win, topk, scale=None, valid_size=None) -> Capability:
-    if q.device.type != "cuda" and _needs_grad(q, k, v):
+    if q.device.type != "cuda" and needs_grad(q, k, v):
         return Capability.no(f"flex_attention on {q.device.type} is forward-only")
     if not q.dtype == k.dtype == v.dtype:
         return Capability.no("mixed dtypes")
@@ -254,16 +233,19 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-@_op.register("flex", can_run_flex, auto_devices=())
+@_op.register(
+    "flex",
+    can_run_flex,
+    declares=Support(("cpu", "cuda"), SINGLE_AND_HALF, ("cuda",), ("valid_size",)),
+    auto_devices=(),
+)
 def bilevel_routing_attention_flex(q, k, v, n_win, topk, scale=None, valid_size=None):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if q.device.type != "cuda" and not torch.is_grad_enabled():
         q, k, v = q.detach(), k.detach(), v.detach()
     batch, _, height, width, _ = q.shape
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    index = route_regions(q, k, n_win, topk, scale, valid_size)
-    valid = _valid_or_none(q, n_win, valid_size)
+    scale, index, valid = _route(q, k, n_win, topk, scale, valid_size)
     regions = n_win * n_win
     tokens = (height // n_win) * (width // n_win)
     routed = torch.zeros(batch, regions, regions, dtype=torch.bool, device=q.device)
@@ -349,7 +331,7 @@ def can_run_triton(q, k, v, n_win, topk, scale=None, valid_size=None) -> Capabil
     return Capability.yes()
 
 
-@_op.register("triton", can_run_triton, auto_devices=("cuda",))
+@_op.register("triton", can_run_triton, declares=triton_support(("valid_size", "value_dim")), auto_devices=("cuda",))
 def bilevel_routing_attention_triton(q, k, v, n_win, topk, scale=None, valid_size=None):
     from .triton_routing import bilevel_routing_attention_triton as fused
 

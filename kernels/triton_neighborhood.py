@@ -12,20 +12,15 @@ query and window position, then summed into the ``(heads, 2k-1, 2k-1)`` table by
 
 from __future__ import annotations
 
-import math
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .neighborhood import neighborhood_windows
+from . import triton_toolkit as toolkit
+from .geometry import neighborhood_windows
+from .triton_toolkit import LOG2E_JIT, load_rows, online_softmax, store_rows
 
 __all__ = ["neighborhood_attention_triton"]
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-LOG2E = math.log2(math.e)
-_LOG2E = tl.constexpr(LOG2E)
 
 
 @triton.jit
@@ -46,21 +41,41 @@ def _group_geometry(H, W, DIL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.
 
 
 @triton.jit
-def _tile_coords(row0, col0, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+def _head(RPB, HEADS, H, W, KS: tl.constexpr):
+    """This program's head, the offset of its ``(H * W)`` map of one value per token, and its RPB table."""
+    bh = tl.program_id(1)
+    head = bh % HEADS
+    return head, bh.to(tl.int64) * H * W, RPB + head * (2 * KS - 1) * (2 * KS - 1)
+
+
+@triton.jit
+def _tile(row0, col0, row_end, col_end, group_row, group_col, W, DIL: tl.constexpr, BLOCK_H: tl.constexpr,
+          BLOCK_W: tl.constexpr):  # fmt: skip
+    """Sub-grid rows and columns of a ``BLOCK_H x BLOCK_W`` tile from ``(row0, col0)``, which of them lie
+    before ``(row_end, col_end)``, and their flat positions in the full ``H x W`` map."""
     offsets = tl.arange(0, BLOCK_H * BLOCK_W)
-    return row0 + offsets // BLOCK_W, col0 + offsets % BLOCK_W
+    row, col = row0 + offsets // BLOCK_W, col0 + offsets % BLOCK_W
+    valid = (row < row_end) & (col < col_end)
+    return row, col, valid, (group_row + row * DIL) * W + group_col + col * DIL
 
 
 @triton.jit
-def _token(row, col, group_row, group_col, W, DIL: tl.constexpr):
-    """Flat position in the full ``H x W`` map of sub-grid coordinate ``(row, col)``."""
-    return (group_row + row * DIL) * W + group_col + col * DIL
+def _key_range(first, length, BLOCK: tl.constexpr, KS: tl.constexpr):
+    """Keys ``[lo, hi)`` along one axis that the windows of the queries ``first .. first + BLOCK - 1`` cover
+    (an empty range for a tile past this group's sub-grid)."""
+    lo = _window_start(first, length, KS)
+    hi = tl.where(first < length, _window_start(tl.minimum(first + BLOCK, length) - 1, length, KS) + KS, lo)
+    return lo, hi
 
 
 @triton.jit
-def _load_rows(base, token, valid, dims, D):
-    """``(tokens, BLOCK_D)`` rows of a ``(..., D)`` tensor; zeros where ``valid`` is false."""
-    return tl.load(base + token[:, None] * D + dims[None, :], mask=valid[:, None] & (dims[None, :] < D), other=0.0)
+def _query_range(first, length, BLOCK: tl.constexpr, KS: tl.constexpr):
+    """Queries ``[lo, hi)`` along one axis whose windows reach the keys ``first .. first + BLOCK - 1``: query
+    ``i`` reaches keys ``[s(i), s(i) + KS)`` and ``s`` is non-decreasing, so they form a range."""
+    lo = tl.where(first < KS, 0, first - KS // 2)
+    last = tl.minimum(first + BLOCK, length) - 1
+    hi = tl.where(last >= length - KS, length, last + KS // 2 + 1)
+    return lo, tl.where(first < length, hi, lo)  # an empty range for a tile past this group's sub-grid
 
 
 @triton.jit
@@ -78,45 +93,45 @@ def _masked_logits(
     logits = dots * qk_scale
     if HAS_RPB:  # row-major table index of the offset (k_row - q_row + KS - 1, k_col - q_col + KS - 1)
         index = (k_row * (2 * KS - 1) + k_col) - (q_row * (2 * KS - 1) + q_col) + (KS - 1) * 2 * KS
-        logits += tl.load(rpb + index, mask=in_window, other=0.0).to(tl.float32) * _LOG2E
+        logits += tl.load(rpb + index, mask=in_window, other=0.0).to(tl.float32) * LOG2E_JIT
     return tl.where(in_window, logits, float("-inf")), in_window
 
 
-def _configs() -> list[triton.Config]:
-    """Tiles as (rows x cols) of queries (BQ_*) and of keys (BK_*) on the sub-grid."""
-    if _INTERPRET:  # the interpreter runs every config: one, with dot sizes the GPU also accepts
-        return [triton.Config(dict(BQ_H=4, BQ_W=4, BK_H=4, BK_W=8), num_warps=4, num_stages=1)]
-    # Few configs: each is compiled for every (dtype, kernel size, dilation, RPB, head dim) met. Compiled for
-    # sm_90 (head dim 32, RPB, fp16 and bf16): 8x8 queries x 8x8 keys at 8 warps spills in no kernel; 8x8 x 8x16
-    # spills a little in the dQ kernel (gathered RPB and dS atomics); 8x16 x 8x16 spilled 0.7-1.2 KB.
-    tiles = [  # (BQ_H, BQ_W, BK_H, BK_W); k = 7 windows of an 8x8 query tile cover 14x14 keys
-        (8, 8, 8, 8),
-        (8, 8, 8, 16),
-    ]
-    return [
-        triton.Config(dict(BQ_H=qh, BQ_W=qw, BK_H=kh, BK_W=kw), num_warps=8, num_stages=1) for qh, qw, kh, kw in tiles
-    ]
+@triton.jit
+def _query_logits(
+    q, k, q_row, q_col, start_row, start_col, q_valid, k_row, k_col, rpb, qk_scale, KS: tl.constexpr,
+    HAS_RPB: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """:func:`_masked_logits` of a query tile against a key tile: ``(queries, keys)``."""
+    dots = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    return _masked_logits(
+        dots, q_row[:, None], q_col[:, None], start_row[:, None], start_col[:, None], k_row[None, :],
+        k_col[None, :], q_valid[:, None], rpb, qk_scale, KS, HAS_RPB,
+    )  # fmt: skip
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop tiles much larger than the sub-grid, and all but 8x8 x 8x8 tiles for head dims above 64."""
-    dilation, block_d = kwargs["DIL"], kwargs["BLOCK_D"]
-    rows = triton.next_power_of_2(-(-named_args["H"] // dilation))
-    cols = triton.next_power_of_2(-(-named_args["W"] // dilation))
-    kept = [
-        c
-        for c in configs
-        if c.kwargs["BQ_H"] <= max(rows, 8)
-        and c.kwargs["BQ_W"] <= max(cols, 8)
-        and (block_d <= 64 or c.kwargs["BQ_H"] * c.kwargs["BQ_W"] * c.kwargs["BK_H"] * c.kwargs["BK_W"] <= 64 * 64)
-    ]
-    return kept or configs[:1]
+# Tiles as (rows x cols) of queries (BQ_*) and of keys (BK_*) on the sub-grid. Few configs: each is compiled for
+# every (dtype, kernel size, dilation, RPB, head dim) met. Compiled for sm_90 (head dim 32, RPB, fp16 and bf16):
+# 8x8 queries x 8x8 keys at 8 warps spills in no kernel; 8x8 x 8x16 spills a little in the dQ kernel (gathered
+# RPB and dS atomics); 8x16 x 8x16 spilled 0.7-1.2 KB. k = 7 windows of an 8x8 query tile cover 14x14 keys.
+_CONFIGS = toolkit.autotune_configs(
+    ("BQ_H", "BQ_W", "BK_H", "BK_W"), [(8, 8, 8, 8, 8), (8, 8, 8, 16, 8)], num_stages=1, interpreted=(4, 4, 4, 8, 4)
+)
 
 
+def _fits(tile: dict, args: dict) -> bool:
+    """Query tiles no larger than the sub-grid (or 8), and only 8x8 x 8x8 tiles for head dims above 64."""
+    rows = triton.next_power_of_2(-(-args["H"] // args["DIL"]))
+    cols = triton.next_power_of_2(-(-args["W"] // args["DIL"]))
+    area = tile["BQ_H"] * tile["BQ_W"] * tile["BK_H"] * tile["BK_W"]
+    return tile["BQ_H"] <= max(rows, 8) and tile["BQ_W"] <= max(cols, 8) and (args["BLOCK_D"] <= 64 or area <= 64 * 64)
+
+
+_prune = toolkit.prune_configs(_fits)
 _KEY = ["H", "W", "D", "KS", "DIL", "HAS_RPB"]
 
 
-@triton.autotune(_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit(do_not_specialize=["HEADS", "H", "W"])
 def _forward_kernel(
     Q, K, V, RPB, Out, LSE, qk_scale, HEADS, H, W, D,
@@ -124,53 +139,36 @@ def _forward_kernel(
     BQ_H: tl.constexpr, BQ_W: tl.constexpr, BK_H: tl.constexpr, BK_W: tl.constexpr,
 ):  # fmt: skip
     group_row, group_col, rows, cols, row0, col0 = _group_geometry(H, W, DIL, BQ_H, BQ_W)
-    bh = tl.program_id(1)
-    base = bh.to(tl.int64) * H * W * D
-    rpb = RPB + (bh % HEADS) * (2 * KS - 1) * (2 * KS - 1)
+    _, stats, rpb = _head(RPB, HEADS, H, W, KS)
+    base = stats * D
     dims = tl.arange(0, BLOCK_D)
-
-    q_row, q_col = _tile_coords(row0, col0, BQ_H, BQ_W)
-    q_valid = (q_row < rows) & (q_col < cols)
-    q_token = _token(q_row, q_col, group_row, group_col, W, DIL)
+    q_row, q_col, q_valid, q_token = _tile(row0, col0, rows, cols, group_row, group_col, W, DIL, BQ_H, BQ_W)
     start_row, start_col = _window_start(q_row, rows, KS), _window_start(q_col, cols, KS)
-    q = _load_rows(Q + base, q_token, q_valid, dims, D)
-
-    # keys covered by the tile's windows (an empty range for tiles past this group's sub-grid)
-    row_lo, col_lo = _window_start(row0, rows, KS), _window_start(col0, cols, KS)
-    row_hi = tl.where(row0 < rows, _window_start(tl.minimum(row0 + BQ_H, rows) - 1, rows, KS) + KS, row_lo)
-    col_hi = tl.where(col0 < cols, _window_start(tl.minimum(col0 + BQ_W, cols) - 1, cols, KS) + KS, col_lo)
+    q = load_rows(Q + base, q_token, q_valid, dims, D)
+    row_lo, row_hi = _key_range(row0, rows, BQ_H, KS)
+    col_lo, col_hi = _key_range(col0, cols, BQ_W, KS)
 
     m = tl.full([BQ_H * BQ_W], float("-inf"), tl.float32)  # running max and sum of the softmax, base 2
     total = tl.zeros([BQ_H * BQ_W], tl.float32)
     acc = tl.zeros([BQ_H * BQ_W, BLOCK_D], tl.float32)
     for key_row0 in range(row_lo, row_hi, BK_H):
         for key_col0 in range(col_lo, col_hi, BK_W):
-            k_row, k_col = _tile_coords(key_row0, key_col0, BK_H, BK_W)
-            k_valid = (k_row < row_hi) & (k_col < col_hi)
-            k_token = _token(k_row, k_col, group_row, group_col, W, DIL)
-            k = _load_rows(K + base, k_token, k_valid, dims, D)
-            dots = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            logits, _ = _masked_logits(
-                dots, q_row[:, None], q_col[:, None], start_row[:, None], start_col[:, None], k_row[None, :],
-                k_col[None, :], q_valid[:, None], rpb, qk_scale, KS, HAS_RPB,
-            )  # fmt: skip
-            m_new = tl.maximum(m, tl.max(logits, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows without a key in this tile yet
-            p = tl.exp2(logits - m_safe[:, None])
-            alpha = tl.exp2(m - m_safe)
-            total = total * alpha + tl.sum(p, 1)
-            v = _load_rows(V + base, k_token, k_valid, dims, D)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m = m_new
+            k_row, k_col, k_valid, k_token = _tile(
+                key_row0, key_col0, row_hi, col_hi, group_row, group_col, W, DIL, BK_H, BK_W
+            )
+            k = load_rows(K + base, k_token, k_valid, dims, D)
+            logits, _ = _query_logits(
+                q, k, q_row, q_col, start_row, start_col, q_valid, k_row, k_col, rpb, qk_scale, KS, HAS_RPB, PRECISION
+            )
+            v = load_rows(V + base, k_token, k_valid, dims, D)
+            m, total, acc = online_softmax(m, total, acc, logits, v, PRECISION)
 
     total = tl.where(q_valid, total, 1.0)
-    out = acc / total[:, None]
-    io_mask = q_valid[:, None] & (dims[None, :] < D)
-    tl.store(Out + base + q_token[:, None] * D + dims[None, :], out.to(Out.dtype.element_ty), mask=io_mask)
-    tl.store(LSE + bh.to(tl.int64) * H * W + q_token, m + tl.log2(total), mask=q_valid)
+    store_rows(Out + base, q_token, q_valid, dims, D, acc / total[:, None])
+    tl.store(LSE + stats + q_token, m + tl.log2(total), mask=q_valid)
 
 
-@triton.autotune(_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["DBias"])
+@triton.autotune(_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["DBias"])
 @triton.jit(do_not_specialize=["HEADS", "H", "W"])
 def _backward_query_kernel(
     Q, K, V, RPB, Out, DOut, LSE, Delta, DQ, DBias, qk_scale, scale, HEADS, H, W, D,
@@ -180,55 +178,44 @@ def _backward_query_kernel(
     """dQ per query tile, the softmax's ``delta = rowsum(dO * O)`` for the dK/dV pass, and dS per window
     position for the RPB gradient."""
     group_row, group_col, rows, cols, row0, col0 = _group_geometry(H, W, DIL, BQ_H, BQ_W)
-    bh = tl.program_id(1)
-    head = bh % HEADS
-    base = bh.to(tl.int64) * H * W * D
-    rpb = RPB + head * (2 * KS - 1) * (2 * KS - 1)
+    head, stats, rpb = _head(RPB, HEADS, H, W, KS)
+    base = stats * D
     dims = tl.arange(0, BLOCK_D)
-
-    q_row, q_col = _tile_coords(row0, col0, BQ_H, BQ_W)
-    q_valid = (q_row < rows) & (q_col < cols)
-    q_token = _token(q_row, q_col, group_row, group_col, W, DIL)
+    q_row, q_col, q_valid, q_token = _tile(row0, col0, rows, cols, group_row, group_col, W, DIL, BQ_H, BQ_W)
     start_row, start_col = _window_start(q_row, rows, KS), _window_start(q_col, cols, KS)
-    q = _load_rows(Q + base, q_token, q_valid, dims, D)
-    do = _load_rows(DOut + base, q_token, q_valid, dims, D)
-    out = _load_rows(Out + base, q_token, q_valid, dims, D)
+    q = load_rows(Q + base, q_token, q_valid, dims, D)
+    do = load_rows(DOut + base, q_token, q_valid, dims, D)
+    out = load_rows(Out + base, q_token, q_valid, dims, D)
     delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
-    tl.store(Delta + bh.to(tl.int64) * H * W + q_token, delta, mask=q_valid)
-    lse = tl.load(LSE + bh.to(tl.int64) * H * W + q_token, mask=q_valid, other=0.0)
+    tl.store(Delta + stats + q_token, delta, mask=q_valid)
+    lse = tl.load(LSE + stats + q_token, mask=q_valid, other=0.0)
     # dS of (query, window position) for the RPB gradient, summed over the batch: (heads, H * W, KS * KS)
     window_grad = DBias + (head.to(tl.int64) * H * W + q_token) * (KS * KS)
 
-    row_lo, col_lo = _window_start(row0, rows, KS), _window_start(col0, cols, KS)
-    row_hi = tl.where(row0 < rows, _window_start(tl.minimum(row0 + BQ_H, rows) - 1, rows, KS) + KS, row_lo)
-    col_hi = tl.where(col0 < cols, _window_start(tl.minimum(col0 + BQ_W, cols) - 1, cols, KS) + KS, col_lo)
-
+    row_lo, row_hi = _key_range(row0, rows, BQ_H, KS)
+    col_lo, col_hi = _key_range(col0, cols, BQ_W, KS)
     dq = tl.zeros([BQ_H * BQ_W, BLOCK_D], tl.float32)
     for key_row0 in range(row_lo, row_hi, BK_H):
         for key_col0 in range(col_lo, col_hi, BK_W):
-            k_row, k_col = _tile_coords(key_row0, key_col0, BK_H, BK_W)
-            k_valid = (k_row < row_hi) & (k_col < col_hi)
-            k_token = _token(k_row, k_col, group_row, group_col, W, DIL)
-            k = _load_rows(K + base, k_token, k_valid, dims, D)
-            v = _load_rows(V + base, k_token, k_valid, dims, D)
-            dots = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            logits, in_window = _masked_logits(
-                dots, q_row[:, None], q_col[:, None], start_row[:, None], start_col[:, None], k_row[None, :],
-                k_col[None, :], q_valid[:, None], rpb, qk_scale, KS, HAS_RPB,
-            )  # fmt: skip
+            k_row, k_col, k_valid, k_token = _tile(
+                key_row0, key_col0, row_hi, col_hi, group_row, group_col, W, DIL, BK_H, BK_W
+            )
+            k = load_rows(K + base, k_token, k_valid, dims, D)
+            v = load_rows(V + base, k_token, k_valid, dims, D)
+            logits, in_window = _query_logits(
+                q, k, q_row, q_col, start_row, start_col, q_valid, k_row, k_col, rpb, qk_scale, KS, HAS_RPB, PRECISION
+            )
             p = tl.exp2(logits - lse[:, None])
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
+            ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
             if RPB_GRAD:
                 position = (k_row * KS + k_col)[None, :] - (start_row * KS + start_col)[:, None]
                 tl.atomic_add(window_grad[:, None] + position, ds, mask=in_window, sem="relaxed")
 
-    io_mask = q_valid[:, None] & (dims[None, :] < D)
-    tl.store(DQ + base + q_token[:, None] * D + dims[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=io_mask)
+    store_rows(DQ + base, q_token, q_valid, dims, D, dq * scale)
 
 
-@triton.autotune(_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit(do_not_specialize=["HEADS", "H", "W"])
 def _backward_key_kernel(
     Q, K, V, RPB, DOut, LSE, Delta, DK, DV, qk_scale, scale, HEADS, H, W, D,
@@ -237,37 +224,25 @@ def _backward_key_kernel(
 ):  # fmt: skip
     """dK and dV per key tile, over the rectangle of queries whose windows reach the tile."""
     group_row, group_col, rows, cols, row0, col0 = _group_geometry(H, W, DIL, BK_H, BK_W)
-    bh = tl.program_id(1)
-    base = bh.to(tl.int64) * H * W * D
-    stats = bh.to(tl.int64) * H * W
-    rpb = RPB + (bh % HEADS) * (2 * KS - 1) * (2 * KS - 1)
+    _, stats, rpb = _head(RPB, HEADS, H, W, KS)
+    base = stats * D
     dims = tl.arange(0, BLOCK_D)
-
-    k_row, k_col = _tile_coords(row0, col0, BK_H, BK_W)
-    k_valid = (k_row < rows) & (k_col < cols)
-    k_token = _token(k_row, k_col, group_row, group_col, W, DIL)
-    k = _load_rows(K + base, k_token, k_valid, dims, D)
-    v = _load_rows(V + base, k_token, k_valid, dims, D)
-
-    # query i reaches keys [s(i), s(i) + KS); s is non-decreasing, so the queries form a rectangle
-    row_lo = tl.where(row0 < KS, 0, row0 - KS // 2)
-    col_lo = tl.where(col0 < KS, 0, col0 - KS // 2)
-    last_row, last_col = tl.minimum(row0 + BK_H, rows) - 1, tl.minimum(col0 + BK_W, cols) - 1
-    row_hi = tl.where(last_row >= rows - KS, rows, last_row + KS // 2 + 1)
-    col_hi = tl.where(last_col >= cols - KS, cols, last_col + KS // 2 + 1)
-    row_hi = tl.where(row0 < rows, row_hi, row_lo)  # tiles past this group's sub-grid
-    col_hi = tl.where(col0 < cols, col_hi, col_lo)
+    k_row, k_col, k_valid, k_token = _tile(row0, col0, rows, cols, group_row, group_col, W, DIL, BK_H, BK_W)
+    k = load_rows(K + base, k_token, k_valid, dims, D)
+    v = load_rows(V + base, k_token, k_valid, dims, D)
+    row_lo, row_hi = _query_range(row0, rows, BK_H, KS)
+    col_lo, col_hi = _query_range(col0, cols, BK_W, KS)
 
     dk = tl.zeros([BK_H * BK_W, BLOCK_D], tl.float32)
     dv = tl.zeros([BK_H * BK_W, BLOCK_D], tl.float32)
     for query_row0 in range(row_lo, row_hi, BQ_H):
         for query_col0 in range(col_lo, col_hi, BQ_W):
-            q_row, q_col = _tile_coords(query_row0, query_col0, BQ_H, BQ_W)
-            q_valid = (q_row < row_hi) & (q_col < col_hi)
-            q_token = _token(q_row, q_col, group_row, group_col, W, DIL)
+            q_row, q_col, q_valid, q_token = _tile(
+                query_row0, query_col0, row_hi, col_hi, group_row, group_col, W, DIL, BQ_H, BQ_W
+            )
             start_row, start_col = _window_start(q_row, rows, KS), _window_start(q_col, cols, KS)
-            q = _load_rows(Q + base, q_token, q_valid, dims, D)
-            do = _load_rows(DOut + base, q_token, q_valid, dims, D)
+            q = load_rows(Q + base, q_token, q_valid, dims, D)
+            do = load_rows(DOut + base, q_token, q_valid, dims, D)
             lse = tl.load(LSE + stats + q_token, mask=q_valid, other=0.0)
             delta = tl.load(Delta + stats + q_token, mask=q_valid, other=0.0)
             dots = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (keys, queries)
@@ -277,23 +252,18 @@ def _backward_key_kernel(
             )  # fmt: skip
             p = tl.exp2(logits - lse[None, :])
             dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
-            dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds = p * (dp - delta[None, :])
+            ds = p * (tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :])
             dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
 
-    io_mask = k_valid[:, None] & (dims[None, :] < D)
-    offsets = base + k_token[:, None] * D + dims[None, :]
-    tl.store(DK + offsets, (dk * scale).to(DK.dtype.element_ty), mask=io_mask)
-    tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=io_mask)
+    store_rows(DK + base, k_token, k_valid, dims, D, dk * scale)
+    store_rows(DV + base, k_token, k_valid, dims, D, dv)
 
 
-def _grid(batch_heads: int, height: int, width: int, dilation: int, rows_key: str, cols_key: str):
-    def grid(meta):
-        tiles = triton.cdiv(triton.cdiv(height, dilation), meta[rows_key])
-        tiles *= triton.cdiv(triton.cdiv(width, dilation), meta[cols_key])
-        return tiles, batch_heads, dilation * dilation
-
-    return grid
+def _grid(q: torch.Tensor, dilation: int, rows_key: str, cols_key: str):
+    """Programs: (tiles of ``rows_key x cols_key`` over a dilation group's sub-grid, batch x heads, groups)."""
+    batch, heads, height, width, _ = q.shape
+    rows, cols = triton.cdiv(height, dilation), triton.cdiv(width, dilation)
+    return toolkit.tile_grid(batch * heads, (rows, rows_key), (cols, cols_key), groups=dilation * dilation)
 
 
 class _NeighborhoodAttention(torch.autograd.Function):
@@ -311,11 +281,12 @@ class _NeighborhoodAttention(torch.autograd.Function):
             KS=kernel_size,
             DIL=dilation,
             HAS_RPB=has_rpb,
-            BLOCK_D=max(16, triton.next_power_of_2(dim)),
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            BLOCK_D=toolkit.block(dim),
+            PRECISION=toolkit.dot_precision(q.dtype),
         )
-        grid = _grid(batch * heads, height, width, dilation, "BQ_H", "BQ_W")
-        _forward_kernel[grid](q, k, v, table, out, lse, scale * LOG2E, heads, height, width, dim, **meta)
+        _forward_kernel[_grid(q, dilation, "BQ_H", "BQ_W")](
+            q, k, v, table, out, lse, scale * toolkit.LOG2E, heads, height, width, dim, **meta
+        )
         ctx.save_for_backward(q, k, v, table, out, lse)
         ctx.meta, ctx.scale, ctx.has_rpb = meta, scale, has_rpb
         return out
@@ -323,7 +294,7 @@ class _NeighborhoodAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, table, out, lse = ctx.saved_tensors
-        batch, heads, height, width, dim = q.shape
+        _, heads, height, width, dim = q.shape
         meta, kernel_size, dilation = ctx.meta, ctx.meta["KS"], ctx.meta["DIL"]
         rpb_grad = ctx.has_rpb and ctx.needs_input_grad[3]
         grad_out = grad_out.contiguous()
@@ -332,14 +303,12 @@ class _NeighborhoodAttention(torch.autograd.Function):
         window_grad = torch.zeros(
             (heads, height * width, kernel_size**2) if rpb_grad else (1,), device=q.device, dtype=torch.float32
         )
-        qk_scale = ctx.scale * LOG2E
-        query_grid = _grid(batch * heads, height, width, dilation, "BQ_H", "BQ_W")
-        _backward_query_kernel[query_grid](
+        qk_scale = ctx.scale * toolkit.LOG2E
+        _backward_query_kernel[_grid(q, dilation, "BQ_H", "BQ_W")](
             q, k, v, table, out, grad_out, lse, delta, grad_q, window_grad, qk_scale, ctx.scale, heads, height,
             width, dim, RPB_GRAD=rpb_grad, **meta,
         )  # fmt: skip
-        key_grid = _grid(batch * heads, height, width, dilation, "BK_H", "BK_W")
-        _backward_key_kernel[key_grid](
+        _backward_key_kernel[_grid(q, dilation, "BK_H", "BK_W")](
             q, k, v, table, grad_out, lse, delta, grad_k, grad_v, qk_scale, ctx.scale, heads, height, width, dim,
             **meta,
         )  # fmt: skip

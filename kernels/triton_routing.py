@@ -24,15 +24,17 @@ registers (ptxas, sm_90). One compilation (and autotuning) per map geometry.
 
 from __future__ import annotations
 
-import os
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["bilevel_routing_attention_triton"]
+from . import triton_toolkit as toolkit
+from .geometry import route_regions
+from .triton_toolkit import LOG2E_JIT, online_softmax
 
-_LOG2_E = tl.constexpr(1.4426950408889634)  # softmax in base 2: exp2 of log2(e) * scale * logits
+__all__ = ["bilevel_routing_attention_triton"]
 
 
 @triton.jit
@@ -44,12 +46,33 @@ def _region_tokens(region, token, n_win, region_h, region_w):
 
 
 @triton.jit
+def _region_tile(tokens, n_win, region_h, region_w, BLOCK: tl.constexpr):
+    """This program's region and batch x head, and its tile of ``BLOCK`` of the region's tokens: map row and
+    column, and whether the token exists."""
+    tiles = tl.cdiv(tokens, BLOCK)
+    region = tl.program_id(0) // tiles
+    t = (tl.program_id(0) % tiles) * BLOCK + tl.arange(0, BLOCK)
+    row, col = _region_tokens(region, t, n_win, region_h, region_w)
+    return region, tl.program_id(1), row, col, t < tokens
+
+
+@triton.jit
 def _listed_tokens(regions, j, count, tokens, n_win, region_h, region_w):
     """Flat positions ``j`` over the tokens of ``count`` regions listed at ``regions``: row, col, in-range."""
     listed = j < count * tokens
     region = tl.load(regions + j // tokens, mask=listed, other=0)
     row, col = _region_tokens(region, j % tokens, n_win, region_h, region_w)
     return row, col, listed
+
+
+@triton.jit
+def _routed_keys(routed, start, topk, tokens, n_win, region_h, region_w, valid_h, valid_w, BLOCK_N: tl.constexpr):
+    """Keys ``start .. start + BLOCK_N - 1`` of the ``topk`` regions routed at ``routed``: row, col, and whether
+    the key exists and is real (not padding)."""
+    k_row, k_col, listed = _listed_tokens(
+        routed, start + tl.arange(0, BLOCK_N), topk, tokens, n_win, region_h, region_w
+    )
+    return k_row, k_col, listed & (k_row < valid_h) & (k_col < valid_w)
 
 
 @triton.jit
@@ -80,80 +103,45 @@ def _store_tokens(base, row, col, stride_y, stride_x, keep, BLOCK: tl.constexpr,
     tl.store(ptrs, value.to(base.dtype.element_ty), mask=_token_mask(keep, BLOCK, dim))
 
 
-def _config(block_m: int, block_n: int, num_warps: int = 4, num_stages: int = 2) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+# BLOCK_M tiles queries and BLOCK_N keys in every kernel: (BLOCK_M, BLOCK_N, num_warps).
+_TILES = [(16, 64, 4), (64, 16, 4), (32, 64, 4), (64, 32, 4), (64, 64, 4), (64, 64, 8), (128, 64, 8), (64, 128, 8)]
+_CONFIGS = toolkit.autotune_configs(("BLOCK_M", "BLOCK_N"), _TILES, num_stages=2, interpreted=(16, 16, 4))
 
 
-# BLOCK_M tiles queries and BLOCK_N keys in every kernel. The interpreter runs every config: one.
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _CONFIGS = [_config(16, 16, num_stages=1)]
-else:
-    _CONFIGS = [
-        _config(16, 64),
-        _config(64, 16),
-        _config(32, 64),
-        _config(64, 32),
-        _config(64, 64),
-        _config(64, 64, num_warps=8),
-        _config(128, 64, num_warps=8),
-        _config(64, 128, num_warps=8),
-    ]
-
-
-def _fit(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
-def _prune(configs, args: dict, query_tile_in_region: bool):
-    """Drop tiles larger than their side of the problem, and large tiles with wide heads or fp32
+def _fits(tile: dict, args: dict, query_tile_in_region: bool) -> bool:
+    """Tiles no larger than their side of the problem, and no large tiles with wide heads or fp32
     (3xTF32 dots), which spill registers (checked with ptxas for sm_90).
 
     A region tile holds at most ``T`` tokens; a tile over routed regions (or over the query
     regions routed to one key region, ``topk`` on average) at most ``topk * T``.
     """
-    tokens, topk = args["tokens"], args["topk"]
-    region, routed = _fit(tokens), _fit(topk * tokens)
+    region, routed = toolkit.block(args["tokens"]), toolkit.block(args["topk"] * args["tokens"])
     max_m, max_n = (region, routed) if query_tile_in_region else (routed, region)
     wide = max(args["BLOCK_D"], args["BLOCK_DV"]) > 64 or args["PRECISION"] == "tf32x3"
-    kept = [
-        c
-        for c in configs
-        if c.kwargs["BLOCK_M"] <= max_m
-        and c.kwargs["BLOCK_N"] <= max_n
-        and not (wide and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)
-    ]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return (
+        tile["BLOCK_M"] <= max_m
+        and tile["BLOCK_N"] <= max_n
+        and not (wide and tile["BLOCK_M"] * tile["BLOCK_N"] > 64 * 64)
+    )
 
 
-def _prune_query_tiles(configs, named_args, **kwargs):
-    return _prune(configs, {**named_args, **kwargs}, query_tile_in_region=True)
-
-
-def _prune_key_tiles(configs, named_args, **kwargs):
-    return _prune(configs, {**named_args, **kwargs}, query_tile_in_region=False)
-
-
+_PRUNE_QUERY_TILES = {"early_config_prune": toolkit.prune_configs(functools.partial(_fits, query_tile_in_region=True))}
+_PRUNE_KEY_TILES = {"early_config_prune": toolkit.prune_configs(functools.partial(_fits, query_tile_in_region=False))}
 _KEY = ["tokens", "topk", "BLOCK_D", "BLOCK_DV"]
 
 
-@triton.autotune(_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_query_tiles})
+@triton.autotune(_CONFIGS, key=_KEY, prune_configs_by=_PRUNE_QUERY_TILES)
 @triton.jit
 def _forward_kernel(
     Q, K, V, Out, Lse, Index,
     sqb, sqh, sqy, sqx, skb, skh, sky, skx, svb, svh, svy, svx, sob, soh, soy, sox,
     heads, width, valid_h, valid_w, scale, topk,
-    n_win: tl.constexpr, region_h: tl.constexpr, region_w: tl.constexpr, tokens: tl.constexpr,
-    dim: tl.constexpr, dim_v: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    n_win: tl.constexpr, region_h: tl.constexpr, region_w: tl.constexpr, tokens: tl.constexpr, dim: tl.constexpr,
+    dim_v: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    scale_log2 = scale * _LOG2_E
-    tiles = tl.cdiv(tokens, BLOCK_M)
-    region = tl.program_id(0) // tiles
-    bh = tl.program_id(1)
-    t = (tl.program_id(0) % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_row, q_col = _region_tokens(region, t, n_win, region_h, region_w)
-    q_in = t < tokens
+    region, bh, q_row, q_col, q_in = _region_tile(tokens, n_win, region_h, region_w, BLOCK_M)
+    scale_log2 = scale * LOG2E_JIT
     q = _load_tokens(_head(Q, bh, heads, sqb, sqh), q_row, q_col, sqy, sqx, q_in, BLOCK_D, dim)
     k_head, v_head = _head(K, bh, heads, skb, skh), _head(V, bh, heads, svb, svh)
     routed = Index + ((bh // heads) * n_win * n_win + region) * topk
@@ -162,45 +150,31 @@ def _forward_kernel(
     total = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for start in range(0, topk * tokens, BLOCK_N):
-        j = start + tl.arange(0, BLOCK_N)
-        k_row, k_col, listed = _listed_tokens(routed, j, topk, tokens, n_win, region_h, region_w)
-        keep = listed & (k_row < valid_h) & (k_col < valid_w)
+        k_row, k_col, keep = _routed_keys(
+            routed, start, topk, tokens, n_win, region_h, region_w, valid_h, valid_w, BLOCK_N
+        )
         k = _load_tokens(k_head, k_row, k_col, sky, skx, keep, BLOCK_D, dim)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        s = tl.where(keep[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no real key yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m - m_safe)
-        total = total * alpha + tl.sum(p, 1)
         v = _load_tokens(v_head, k_row, k_col, svy, svx, keep, BLOCK_DV, dim_v)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, total, acc = online_softmax(m, total, acc, tl.where(keep[None, :], s, float("-inf")), v, PRECISION)
     total = tl.where(total == 0.0, 1.0, total)
     _store_tokens(_head(Out, bh, heads, sob, soh), q_row, q_col, soy, sox, q_in, BLOCK_DV, dim_v, acc / total[:, None])
     lse = tl.where(m == float("-inf"), 0.0, m) + tl.log2(total)
     tl.store(Lse + bh.to(tl.int64) * tokens * n_win * n_win + q_row * width + q_col, lse, mask=q_in)
 
 
-@triton.autotune(_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_query_tiles})
+@triton.autotune(_CONFIGS, key=_KEY, prune_configs_by=_PRUNE_QUERY_TILES)
 @triton.jit
 def _backward_query_kernel(
     Q, K, V, Out, GradOut, GradQ, Lse, Delta, Index,
     sqb, sqh, sqy, sqx, skb, skh, sky, skx, svb, svh, svy, svx, sob, soh, soy, sox,
     sgb, sgh, sgy, sgx, sdb, sdh, sdy, sdx,
     heads, width, valid_h, valid_w, scale, topk,
-    n_win: tl.constexpr, region_h: tl.constexpr, region_w: tl.constexpr, tokens: tl.constexpr,
-    dim: tl.constexpr, dim_v: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    n_win: tl.constexpr, region_h: tl.constexpr, region_w: tl.constexpr, tokens: tl.constexpr, dim: tl.constexpr,
+    dim_v: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    scale_log2 = scale * _LOG2_E
-    tiles = tl.cdiv(tokens, BLOCK_M)
-    region = tl.program_id(0) // tiles
-    bh = tl.program_id(1)
-    t = (tl.program_id(0) % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_row, q_col = _region_tokens(region, t, n_win, region_h, region_w)
-    q_in = t < tokens
+    region, bh, q_row, q_col, q_in = _region_tile(tokens, n_win, region_h, region_w, BLOCK_M)
     q = _load_tokens(_head(Q, bh, heads, sqb, sqh), q_row, q_col, sqy, sqx, q_in, BLOCK_D, dim)
     out = _load_tokens(_head(Out, bh, heads, sob, soh), q_row, q_col, soy, sox, q_in, BLOCK_DV, dim_v)
     grad_out = _load_tokens(_head(GradOut, bh, heads, sgb, sgh), q_row, q_col, sgy, sgx, q_in, BLOCK_DV, dim_v)
@@ -210,41 +184,34 @@ def _backward_query_kernel(
     lse = tl.load(Lse + rows, mask=q_in, other=0.0)
     k_head, v_head = _head(K, bh, heads, skb, skh), _head(V, bh, heads, svb, svh)
     routed = Index + ((bh // heads) * n_win * n_win + region) * topk
+    scale_log2 = scale * LOG2E_JIT
 
     grad_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, topk * tokens, BLOCK_N):
-        j = start + tl.arange(0, BLOCK_N)
-        k_row, k_col, listed = _listed_tokens(routed, j, topk, tokens, n_win, region_h, region_w)
-        keep = listed & (k_row < valid_h) & (k_col < valid_w)
+        k_row, k_col, keep = _routed_keys(
+            routed, start, topk, tokens, n_win, region_h, region_w, valid_h, valid_w, BLOCK_N
+        )
         k = _load_tokens(k_head, k_row, k_col, sky, skx, keep, BLOCK_D, dim)
         v = _load_tokens(v_head, k_row, k_col, svy, svx, keep, BLOCK_DV, dim_v)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         p = tl.where(keep[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(grad_out, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+        ds = p * (tl.dot(grad_out, tl.trans(v), input_precision=PRECISION) - delta[:, None])
         grad_q = tl.dot(ds.to(k.dtype), k, grad_q, input_precision=PRECISION)
     _store_tokens(_head(GradQ, bh, heads, sdb, sdh), q_row, q_col, sdy, sdx, q_in, BLOCK_D, dim, grad_q * scale)
 
 
-@triton.autotune(_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_key_tiles})
+@triton.autotune(_CONFIGS, key=_KEY, prune_configs_by=_PRUNE_KEY_TILES)
 @triton.jit
 def _backward_key_kernel(
     Q, K, V, GradOut, GradK, GradV, Lse, Delta, Queries, Starts,
     sqb, sqh, sqy, sqx, skb, skh, sky, skx, svb, svh, svy, svx, sgb, sgh, sgy, sgx,
     sdkb, sdkh, sdky, sdkx, sdvb, sdvh, sdvy, sdvx,
     heads, width, valid_h, valid_w, scale, topk,
-    n_win: tl.constexpr, region_h: tl.constexpr, region_w: tl.constexpr, tokens: tl.constexpr,
-    dim: tl.constexpr, dim_v: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    n_win: tl.constexpr, region_h: tl.constexpr, region_w: tl.constexpr, tokens: tl.constexpr, dim: tl.constexpr,
+    dim_v: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    scale_log2 = scale * _LOG2_E
-    tiles = tl.cdiv(tokens, BLOCK_N)
-    region = tl.program_id(0) // tiles
-    bh = tl.program_id(1)
-    t = (tl.program_id(0) % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_row, k_col = _region_tokens(region, t, n_win, region_h, region_w)
-    k_in = t < tokens
+    region, bh, k_row, k_col, k_in = _region_tile(tokens, n_win, region_h, region_w, BLOCK_N)
     keep = k_in & (k_row < valid_h) & (k_col < valid_w)
     k = _load_tokens(_head(K, bh, heads, skb, skh), k_row, k_col, sky, skx, keep, BLOCK_D, dim)
     v = _load_tokens(_head(V, bh, heads, svb, svh), k_row, k_col, svy, svx, keep, BLOCK_DV, dim_v)
@@ -254,6 +221,7 @@ def _backward_key_kernel(
     first = tl.load(Starts + batch_row + (bh // heads) + region)
     count = tl.load(Starts + batch_row + (bh // heads) + region + 1) - first
     routing = Queries + batch_row * topk + first
+    scale_log2 = scale * LOG2E_JIT
 
     grad_k = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     grad_v = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
@@ -268,8 +236,7 @@ def _backward_key_kernel(
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2  # keys x queries
         p_t = tl.where(keep[:, None] & listed[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
         grad_v = tl.dot(p_t.to(grad_out.dtype), grad_out, grad_v, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(grad_out), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
+        ds_t = p_t * (tl.dot(v, tl.trans(grad_out), input_precision=PRECISION) - delta[None, :])
         grad_k = tl.dot(ds_t.to(q.dtype), q, grad_k, input_precision=PRECISION)
     _store_tokens(_head(GradK, bh, heads, sdkb, sdkh), k_row, k_col, sdky, sdkx, k_in, BLOCK_D, dim, grad_k * scale)
     _store_tokens(_head(GradV, bh, heads, sdvb, sdvh), k_row, k_col, sdvy, sdvx, k_in, BLOCK_DV, dim_v, grad_v)
@@ -292,14 +259,14 @@ def _shared_args(q, v, index, n_win: int, valid_size: tuple[int, int], scale: fl
     return dict(
         heads=heads, width=width, n_win=n_win, region_h=region_h, region_w=region_w,
         valid_h=valid_size[0], valid_w=valid_size[1], scale=scale, tokens=region_h * region_w, topk=index.shape[-1],
-        dim=dim, dim_v=v.shape[-1], BLOCK_D=_fit(dim), BLOCK_DV=_fit(v.shape[-1]),
-        PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",  # fp32 to ~1e-6, not TF32's 1e-3
+        dim=dim, dim_v=v.shape[-1], BLOCK_D=toolkit.block(dim), BLOCK_DV=toolkit.block(v.shape[-1]),
+        PRECISION=toolkit.dot_precision(q.dtype, float32="tf32x3"),  # fp32 to ~1e-6, not TF32's 1e-3
     )  # fmt: skip
 
 
-def _grid(q: torch.Tensor, n_win: int, tile: str):
+def _grid(q: torch.Tensor, shared: dict, tile: str):
     """Programs: (tiles of ``tile`` tokens over every region, batch x heads)."""
-    return lambda meta: (n_win * n_win * triton.cdiv(meta["tokens"], meta[tile]), q.shape[0] * q.shape[1])
+    return toolkit.tile_grid(q.shape[0] * q.shape[1], (shared["tokens"], tile), repeat=shared["n_win"] ** 2)
 
 
 def _invert_routing(index: torch.Tensor, regions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,28 +288,26 @@ class _RoutingAttention(torch.autograd.Function):
         batch, heads, height, width, _ = q.shape
         out = _heads_last(q, v.shape[-1])
         lse = q.new_empty(batch * heads, height * width, dtype=torch.float32)
-        _forward_kernel[_grid(q, n_win, "BLOCK_M")](
-            q, k, v, out, lse, index, *_strides(q, k, v, out), **_shared_args(q, v, index, n_win, valid_size, scale)
-        )
+        shared = _shared_args(q, v, index, n_win, valid_size, scale)
+        _forward_kernel[_grid(q, shared, "BLOCK_M")](q, k, v, out, lse, index, *_strides(q, k, v, out), **shared)
         ctx.save_for_backward(q, k, v, index, out, lse)
-        ctx.n_win, ctx.valid_size, ctx.scale = n_win, valid_size, scale
+        ctx.shared = shared  # plain numbers: the backward kernels take the same
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, index, out, lse = ctx.saved_tensors
-        n_win = ctx.n_win
-        shared = _shared_args(q, v, index, n_win, ctx.valid_size, ctx.scale)
+        shared = ctx.shared
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
         grad_q, grad_k, grad_v = _heads_last(q, q.shape[-1]), _heads_last(k, k.shape[-1]), _heads_last(v, v.shape[-1])
         delta = torch.empty_like(lse)
-        _backward_query_kernel[_grid(q, n_win, "BLOCK_M")](
+        _backward_query_kernel[_grid(q, shared, "BLOCK_M")](
             q, k, v, out, grad_out, grad_q, lse, delta, index,
             *_strides(q, k, v, out, grad_out, grad_q), **shared,
         )  # fmt: skip
-        queries, starts = _invert_routing(index, n_win * n_win)
-        _backward_key_kernel[_grid(q, n_win, "BLOCK_N")](
+        queries, starts = _invert_routing(index, shared["n_win"] ** 2)
+        _backward_key_kernel[_grid(q, shared, "BLOCK_N")](
             q, k, v, grad_out, grad_k, grad_v, lse, delta, queries, starts,
             *_strides(q, k, v, grad_out, grad_k, grad_v), **shared,
         )  # fmt: skip
@@ -351,8 +316,6 @@ class _RoutingAttention(torch.autograd.Function):
 
 def bilevel_routing_attention_triton(q, k, v, n_win, topk, scale=None, valid_size=None):
     """Fused bi-level routing attention; arguments as :func:`bilevel_routing_attention`."""
-    from .routing import route_regions
-
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     index = route_regions(q, k, n_win, topk, scale, valid_size).to(torch.int32).contiguous()
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))

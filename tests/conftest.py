@@ -8,9 +8,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import visionzoo
+import timm
 
-MODELS = visionzoo.list_models()
+import visionzoo  # noqa: F401  (registers the models, after TRITON_INTERPRET)
 
 
 @pytest.fixture(scope="module")
@@ -22,34 +22,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-_SIZES = ("mini", "micro", "tiny", "small", "base", "large")
+@pytest.fixture
+def load_official(tmp_path):
+    """``load_official(name, state_dict, **kwargs)``: ``timm.create_model(name, pretrained=True, **kwargs)`` from
+    ``state_dict`` saved as a release file, so the weights go through the family's ``checkpoint_filter_fn``."""
 
+    def load(name: str, state_dict: dict, **kwargs) -> torch.nn.Module:
+        path = tmp_path / f"{name}.pth"
+        torch.save(state_dict, path)
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
 
-def _family_and_rank(name: str) -> tuple[str, int]:
-    """``nat_mini``: ("nat", 0); ``mixvit_tiny_halo``: ("mixvit_halo", 2); ``ela_resnet50``: ("ela_resnet", 50)."""
-    parts, rank = [], 0
-    for part in name.split("_"):
-        if part in _SIZES:
-            rank = _SIZES.index(part)
-        elif part[-1].isdigit():
-            stem = part.rstrip("0123456789")
-            parts.append(stem)
-            rank = int(part[len(stem) :])
-        else:
-            parts.append(part)
-    return "_".join(parts), rank
-
-
-def _smallest_of_each_family(names: list[str]) -> list[str]:
-    smallest: dict[str, tuple[int, str]] = {}
-    for name in names:
-        family, rank = _family_and_rank(name)
-        smallest[family] = min(smallest.get(family, (rank, name)), (rank, name))
-    return sorted(name for _, name in smallest.values())
-
-
-# Sizes of a family share their code: the thorough per-model tests run on the smallest one.
-FAMILY_MODELS = _smallest_of_each_family(MODELS)
+    return load
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,8 @@ from visionzoo.kernels import (
 )
 from visionzoo.mixers import create_mixer
 
+from oracles import make_aggregated_inputs
+
 
 def dense_oracle(q, k, v, k_pool, v_pool, query_embedding, logit_scale, rpb, pool_bias, tokens, token_bias, window):
     """Dense attention over the explicit union of every query's window keys and the pooled keys."""
@@ -42,28 +44,6 @@ def dense_oracle(q, k, v, k_pool, v_pool, query_embedding, logit_scale, rpb, poo
     return out.reshape(batch, heads, height, width, dim)
 
 
-def make_inputs(batch=2, heads=2, height=5, width=7, dim=4, pool=6, window=3, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
-
-    n = height * width
-    return dict(
-        q=rand(batch, heads, height, width, dim),
-        k=rand(batch, heads, height, width, dim),
-        v=rand(batch, heads, height, width, dim),
-        k_pool=rand(batch, heads, pool, dim),
-        v_pool=rand(batch, heads, pool, dim),
-        query_embedding=rand(heads, dim, scale=0.3),
-        logit_scale=rand(heads).abs() + 1.0,
-        rpb=rand(heads, window * window),
-        pool_bias=rand(heads, n, pool),
-        learnable_tokens=rand(heads, dim, window * window, scale=0.3),
-        learnable_bias=rand(heads, window * window, scale=0.3),
-    )
-
-
 def _grads(fn, inputs):
     inputs = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
     out = fn(**inputs)
@@ -73,7 +53,7 @@ def _grads(fn, inputs):
 
 @pytest.mark.parametrize("window,size", [(3, (5, 7)), (5, (4, 6)), (3, (1, 3))])
 def test_reference_equals_dense_oracle(window, size):
-    inputs = make_inputs(height=size[0], width=size[1], window=window)
+    inputs = make_aggregated_inputs(height=size[0], width=size[1], window=window)
     out, grads = _grads(lambda **t: aggregated_attention(**t, window_size=window, backend="reference"), inputs)
     expected, expected_grads = _grads(lambda **t: dense_oracle(*t.values(), window), inputs)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
@@ -82,7 +62,7 @@ def test_reference_equals_dense_oracle(window, size):
 
 
 def test_official_unfold_formulation_matches_reference():
-    inputs = make_inputs(height=6, width=5, pool=4)
+    inputs = make_aggregated_inputs(height=6, width=5, pool=4)
     out, grads = _grads(lambda **t: aggregated_attention_unfold(**t, window_size=3), inputs)
     expected, expected_grads = _grads(lambda **t: aggregated_attention(**t, window_size=3, backend="reference"), inputs)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
@@ -90,16 +70,8 @@ def test_official_unfold_formulation_matches_reference():
         torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_flex_backend_matches_reference():
-    inputs = make_inputs(height=6, width=5, pool=4)
-    with torch.no_grad():
-        expected = aggregated_attention(**inputs, window_size=3, backend="reference")
-        out = aggregated_attention(**inputs, window_size=3, backend="flex")
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-
-
 def test_flex_is_forward_only_on_cpu_and_not_automatic():
-    inputs = make_inputs()
+    inputs = make_aggregated_inputs()
     inputs["q"].requires_grad_()
     op = get_op("aggregated_attention")
     assert not op.supports("flex", *inputs.values(), 3)
@@ -108,7 +80,7 @@ def test_flex_is_forward_only_on_cpu_and_not_automatic():
 
 def test_reference_memory_is_linear_in_tokens():
     # 64x64 tokens: no tensor saved for the backward comes near an (HW x HW) matrix
-    inputs = make_inputs(batch=1, heads=1, height=64, width=64, dim=8, pool=16)
+    inputs = make_aggregated_inputs(batch=1, heads=1, height=64, width=64, dim=8, pool=16)
     saved = []
 
     def pack(t):
@@ -192,8 +164,8 @@ def test_aggregated_mixer_exports_to_onnx(tmp_path):
 def test_bench_times_backends_beside_the_official_formulation(monkeypatch):
     from visionzoo import bench
 
-    monkeypatch.setitem(bench.OP_CASES, "aggregated_attention", [bench._aggregated_case(1, 1, 8, 4, 4)])
-    rows = bench.bench_op("aggregated_attention", min_run_time=0.01)
+    monkeypatch.setitem(bench.OP_CASES, "aggregated_attention", [bench.aggregated_case(1, 1, 8, 4, 4)])
+    rows = bench.bench_op("aggregated_attention", bench.RunSettings(min_run_time=0.01))
     timed = {(r.mode, r.backend) for r in rows}
     assert timed == {
         ("forward", "reference"),

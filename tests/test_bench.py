@@ -11,11 +11,11 @@ from visionzoo.cli import main
 
 @pytest.fixture
 def tiny_cases(monkeypatch):
-    monkeypatch.setitem(bench.OP_CASES, "dense_attention", [bench._dense_case(1, 2, 16, 8)])
+    monkeypatch.setitem(bench.OP_CASES, "dense_attention", [bench.dense_case(1, 2, 16, 8)])
 
 
 def test_bench_op_times_every_backend_against_reference(tiny_cases):
-    rows = bench.bench_op("dense_attention", min_run_time=0.01)
+    rows = bench.bench_op("dense_attention", bench.RunSettings(min_run_time=0.01))
     assert [(r.mode, r.backend) for r in rows] == [
         ("forward", "reference"),
         ("forward", "sdpa"),
@@ -41,9 +41,11 @@ def test_bench_cli_writes_csv(tiny_cases, tmp_path, capsys):
 
 
 def test_bench_backend_filter_keeps_the_reference_baseline(tiny_cases):
-    rows = bench.bench_op("dense_attention", min_run_time=0.01, backward=False, backends=["reference"])
+    rows = bench.bench_op(
+        "dense_attention", bench.RunSettings(backward=False, min_run_time=0.01), backends=["reference"]
+    )
     assert [r.backend for r in rows] == ["reference"]
-    rows = bench.bench_op("dense_attention", min_run_time=0.01, backward=False, backends=["sdpa"])
+    rows = bench.bench_op("dense_attention", bench.RunSettings(backward=False, min_run_time=0.01), backends=["sdpa"])
     assert [r.backend for r in rows] == ["reference", "sdpa"]
 
 
@@ -53,8 +55,8 @@ def test_bench_unknown_op_is_a_clear_error():
 
 
 def test_forward_only_backends_are_skipped_for_training_on_cpu(monkeypatch):
-    monkeypatch.setitem(bench.OP_CASES, "neighborhood_attention", [bench._neighborhood_case(1, 1, 8, 4, 3, rpb=True)])
-    rows = bench.bench_op("neighborhood_attention", min_run_time=0.01)
+    monkeypatch.setitem(bench.OP_CASES, "neighborhood_attention", [bench.neighborhood_case(1, 1, 8, 4, 3, rpb=True)])
+    rows = bench.bench_op("neighborhood_attention", bench.RunSettings(min_run_time=0.01))
     assert [(r.mode, r.backend) for r in rows] == [
         ("forward", "reference"),
         ("forward", "flex"),
@@ -68,10 +70,10 @@ def test_cpu_peak_memory_sees_a_large_allocation():
 
 
 def test_bench_mixer_times_ours_against_timm(monkeypatch):
-    monkeypatch.setitem(bench.MIXER_CASES, "halo", [bench._halo_case(1, 8, 16, 2, 4, 1)])
-    monkeypatch.setitem(bench.MIXER_CASES, "multi_axis", [bench._partition_case(1, 8, 32, 4, "grid")])
+    monkeypatch.setitem(bench.MIXER_CASES, "halo", [bench.halo_case(1, 8, 16, 2, 4, 1)])
+    monkeypatch.setitem(bench.MIXER_CASES, "multi_axis", [bench.partition_case(1, 8, 32, 4, "grid")])
     for name in ("halo", "multi_axis"):
-        rows = bench.bench_mixer(name, min_run_time=0.01)
+        rows = bench.bench_mixer(name, bench.RunSettings(min_run_time=0.01))
         assert [(r.mode, r.backend) for r in rows] == [
             ("forward", "timm"),
             ("forward", "visionzoo"),
@@ -101,6 +103,7 @@ def test_stats_reports_the_papers_top1(capsys):
     assert main(["stats", "nat_mini", "ela_resnet18", "--img-size", "64"]) == 0
     rows = {line.split(" | ")[0]: line for line in capsys.readouterr().out.splitlines()}
     assert rows["| nat_mini"].endswith("| 81.8 |") and rows["| ela_resnet18"].endswith("| - |")
+    assert "| 0.45 | 2.7 | 64x64 |" in rows["| nat_mini"]  # ours at 64x64, the paper's at 224x224
 
 
 def test_bench_model_figures_are_consistent():

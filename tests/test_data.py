@@ -1,4 +1,4 @@
-"""Data modules on tiny datasets written in the real on-disk formats (visionzoo.data.synthetic)."""
+"""Data modules on tiny datasets written in the real on-disk formats (tests/tiny_datasets.py)."""
 
 from __future__ import annotations
 
@@ -20,13 +20,10 @@ from visionzoo.data import (
     make_transform,
     read_idx,
     resolve_data_config,
-    write_ade20k,
-    write_coco,
-    write_idx,
-    write_imagefolder,
-    write_voc,
 )
 from visionzoo.data.detection import decode_segmentation
+
+from tiny_datasets import write_ade20k, write_coco, write_idx, write_imagefolder, write_voc
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FLIP = [{"name": "HorizontalFlip", "p": 1.0}]

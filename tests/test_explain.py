@@ -10,12 +10,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from visionzoo.cli import main
 from visionzoo.explain import attention_blocks, explain, explain_attention, grad_cam, preprocess, query_weights
-from visionzoo.kernels import (
-    bilevel_routing_attention,
-    dense_attention,
-    neighborhood_attention,
-    pad_to_multiple,
-)
+from visionzoo.kernels import use_backend
 from visionzoo.tasks import ClassificationTask
 
 INPUT = 128  # model input: three stages of a tiny MixViT leave an 8x8 map for Grad-CAM
@@ -189,20 +184,20 @@ def block_input(model, block, images):
 
 
 def mixer_output_at(mixer, x, query):
-    """The mixer's attention output (heads, head_dim) at ``query``, before ``proj``, from the kernel op."""
-    if hasattr(mixer, "n_win"):
-        padded, size = pad_to_multiple(x, mixer.n_win)
-        q, k, v = mixer.qkv_heads(padded)
-        out = bilevel_routing_attention(q, k, v, mixer.n_win, mixer.topk, mixer.scale, size, backend="reference")
-    elif hasattr(mixer, "kernel_size"):
-        q, k, v = mixer.qkv_heads(x)
-        out = neighborhood_attention(
-            q, k, v, mixer.kernel_size, mixer.dilation, mixer.rpb, mixer.scale, backend="reference"
-        )
-    else:
-        q, k, v = mixer.qkv_heads(x)
-        out = dense_attention(*(t.flatten(2, 3) for t in (q, k, v)), backend="reference").unflatten(2, x.shape[1:3])
-    return out[0, :, query[0], query[1]], v[0, :, : x.shape[1], : x.shape[2]]
+    """The mixer's attention output (heads, head_dim) at ``query`` from its own forward with the reference
+    kernels: the input of ``proj``, less BiFormer's LePE convolution, which adds to it; and the values."""
+    captured = []
+    hooks = [mixer.proj.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))]
+    if getattr(mixer, "lepe", None) is not None:
+        hooks.append(mixer.lepe.register_forward_hook(lambda _m, _args, out: torch.zeros_like(out)))
+    try:
+        with use_backend("reference"):
+            mixer(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out = captured[0][0, query[0], query[1]].unflatten(-1, (mixer.num_heads, mixer.head_dim))
+    return out, mixer.qkv_heads(x)[2][0]
 
 
 @pytest.mark.parametrize("size", [(112, 144), (100, 90)])  # maps of 28x36 / 25x23 tokens in stage 0

@@ -6,12 +6,13 @@ import pytest
 import torch
 from safetensors.torch import save_model
 
+from visionzoo.checkpoints import load_checkpoint, load_model
 from visionzoo.cli import main
-from visionzoo.export import check_onnx, export_onnx, fixed_size_reasons, load_checkpoint, load_model
+from visionzoo.export import check_onnx, export_onnx, fixed_size_reasons
 from visionzoo.heads import create_detector, create_segmenter
 from visionzoo.tasks import DetectionTask
 
-from conftest import MODELS
+from zoo_models import MODELS
 
 
 # 10-70 s a model (tracing, then onnxruntime's graph optimisation): `make test-slow`, a CI step of its own

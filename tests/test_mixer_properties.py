@@ -59,15 +59,32 @@ def mixer_configs(draw, name: str):
     return mixer.eval(), dim
 
 
+@st.composite
+def sizes_from_minimum(draw, min_size: tuple[int, int]):
+    """(H, W) from the minimum up to :data:`MAX_EXTRA` above it."""
+    min_h, min_w = min_size
+    height = draw(st.integers(min_h, min_h + MAX_EXTRA), label="height")
+    width = draw(st.integers(min_w, min_w + MAX_EXTRA), label="width")
+    return height, width
+
+
+@st.composite
+def sizes_below_minimum(draw, min_size: tuple[int, int]):
+    """(H, W) with one side below the minimum and the other at or above both minima."""
+    min_h, min_w = min_size
+    short_side = draw(st.sampled_from(["height", "width"]), label="short side")
+    short = draw(st.integers(0, (min_h if short_side == "height" else min_w) - 1), label="short")
+    other = draw(st.integers(max(min_h, min_w), max(min_h, min_w) + 4), label="other")
+    return (short, other) if short_side == "height" else (other, short)
+
+
 @pytest.mark.parametrize("name", MIXERS)
 @PROPERTY_SETTINGS
 @given(data=st.data())
 def test_any_size_at_or_above_the_minimum_keeps_shape_and_finite_values(name, data):
     mixer, dim = data.draw(mixer_configs(name), label="mixer")
-    min_h, min_w = mixer.min_size
     batch = data.draw(st.integers(1, 2), label="batch")
-    height = data.draw(st.integers(min_h, min_h + MAX_EXTRA), label="height")
-    width = data.draw(st.integers(min_w, min_w + MAX_EXTRA), label="width")
+    height, width = data.draw(sizes_from_minimum(mixer.min_size), label="map size")
     x = torch.randn(batch, height, width, dim, requires_grad=True)
     out = mixer(x)
     assert out.shape == x.shape
@@ -81,11 +98,8 @@ def test_any_size_at_or_above_the_minimum_keeps_shape_and_finite_values(name, da
 @given(data=st.data())
 def test_a_map_below_the_minimum_is_refused_naming_it(name, data):
     mixer, dim = data.draw(mixer_configs(name), label="mixer")
+    size = data.draw(sizes_below_minimum(mixer.min_size), label="map size")
     min_h, min_w = mixer.min_size
-    short_side = data.draw(st.sampled_from(["height", "width"]), label="short side")
-    short = data.draw(st.integers(0, (min_h if short_side == "height" else min_w) - 1), label="short")
-    other = data.draw(st.integers(max(min_h, min_w), max(min_h, min_w) + 4), label="other")
-    size = (short, other) if short_side == "height" else (other, short)
     with pytest.raises(ValueError, match=rf"at least {min_h}x{min_w} tokens, got {size[0]}x{size[1]}"):
         mixer(torch.randn(1, *size, dim))
 

@@ -7,9 +7,9 @@ import timm
 import torch
 
 import visionzoo
-from visionzoo.backbones.mixvit import MixVitCfg
-from visionzoo.bench import model_stats
+from visionzoo.backbones.mixvit import DownsampleCfg, MixVitCfg, StemCfg
 from visionzoo.mixers import GlobalAttention
+from visionzoo.stats import model_stats
 
 
 def test_mixer_kwargs_cycle_over_blocks():
@@ -51,6 +51,15 @@ def test_bad_configuration_is_a_clear_error(kwargs, message):
         timm.create_model("mixvit_mini", **kwargs)
 
 
+def test_nested_groups_take_mappings_and_a_stem_kind():
+    model = timm.create_model("mixvit_mini", stem="patch", downsample={"bias": True})
+    assert model.stem.conv.kernel_size == (7, 7) and model.stages[1].downsample.conv.bias is not None
+    assert MixVitCfg(stem="patch", downsample={"bias": True}).stem == StemCfg(kind="patch")
+    assert MixVitCfg(downsample={"bias": True}).downsample == DownsampleCfg(bias=True)
+    with pytest.raises(ValueError, match="stem must be 'conv' or 'patch', got 'pixel'"):
+        MixVitCfg(stem="pixel")
+
+
 def test_conv_glu_and_layer_scale():
     model = timm.create_model("mixvit_mini", mlp_layer="conv_glu", layer_scale_init=1e-5, drop_path_rate=0.1)
     block = model.stages[0].blocks[0]
@@ -59,15 +68,6 @@ def test_conv_glu_and_layer_scale():
     torch.testing.assert_close(block.ls1.gamma, torch.full((64,), 1e-5))
     out = model(torch.randn(1, 3, 70, 90))
     assert out.shape == (1, 1000)
-
-
-def test_checkpoint_filter_unwraps_containers():
-    from visionzoo.backbones.mixvit import checkpoint_filter_fn
-
-    model = timm.create_model("mixvit_mini")
-    state = model.state_dict()
-    assert checkpoint_filter_fn({"state_dict": state}, model).keys() == state.keys()
-    assert checkpoint_filter_fn({"model": state}, model).keys() == state.keys()
 
 
 @pytest.mark.parametrize("name", [n for n in visionzoo.list_models("mixvit_tiny_*") if n != "mixvit_tiny_neighborhood"])

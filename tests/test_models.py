@@ -12,7 +12,7 @@ from safetensors.torch import load_model, save_model
 
 from visionzoo.kernels import use_backend
 
-from conftest import FAMILY_MODELS, MODELS
+from zoo_models import FAMILY_MODELS, MODELS
 
 SMALL = 64
 ODD_SIZES = [(200, 232), (97, 131)]

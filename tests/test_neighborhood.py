@@ -1,61 +1,14 @@
-"""Neighborhood attention: every backend against a brute-force per-query oracle."""
-
-import itertools
+"""Neighborhood attention: the reference against a brute-force per-query oracle (every other backend against the
+reference: test_backend_parity.py)."""
 
 import pytest
 import torch
 
 from visionzoo.kernels import get_op, neighborhood_attention, neighborhood_attention_reference, neighborhood_windows
 
+from oracles import brute_force, natten_pb_start, natten_window_start
+
 NA = get_op("neighborhood_attention")
-
-
-def _natten_window_start(index, length, kernel_size, dilation):
-    """NATTEN's scalar ``get_window_start`` (natten_cpu_commons.h), the rule NAT/DiNAT trained with."""
-    half = kernel_size // 2
-    if dilation <= 1:
-        return max(index - half, 0) + (index + half >= length) * (length - index - half - 1)
-    start = index - half * dilation
-    if start < 0:
-        return index % dilation
-    if index + half * dilation >= length:
-        remainder = index % dilation
-        whole = (length // dilation) * dilation
-        extra = length - whole
-        if remainder < extra:
-            return length - extra + remainder - 2 * half * dilation
-        return whole + remainder - kernel_size * dilation
-    return start
-
-
-def _natten_pb_start(index, length, kernel_size, dilation):
-    """NATTEN's scalar ``get_pb_start``."""
-    half = kernel_size // 2
-    if dilation <= 1:
-        return half + (index < half) * (half - index) + (index + half >= length) * (length - index - 1 - half)
-    if index - half * dilation < 0:
-        return kernel_size - 1 - index // dilation
-    if index + half * dilation >= length:
-        return (length - index - 1) // dilation
-    return half
-
-
-def brute_force(q, k, v, kernel_size, dilation, rpb, scale):
-    """One query at a time, straight from NATTEN's index rules."""
-    batch, heads, height, width, dim = q.shape
-    out = torch.zeros_like(q)
-    for i, j in itertools.product(range(height), range(width)):
-        si, sj = (_natten_window_start(p, n, kernel_size, dilation) for p, n in ((i, height), (j, width)))
-        pi, pj = (_natten_pb_start(p, n, kernel_size, dilation) for p, n in ((i, height), (j, width)))
-        rows = [si + a * dilation for a in range(kernel_size)]
-        cols = [sj + b * dilation for b in range(kernel_size)]
-        keys = k[:, :, rows][:, :, :, cols].reshape(batch, heads, -1, dim)
-        values = v[:, :, rows][:, :, :, cols].reshape(batch, heads, -1, dim)
-        logits = torch.einsum("bhd,bhnd->bhn", q[:, :, i, j] * scale, keys)
-        if rpb is not None:
-            logits = logits + rpb[:, pi : pi + kernel_size, pj : pj + kernel_size].reshape(1, heads, -1)
-        out[:, :, i, j] = torch.einsum("bhn,bhnd->bhd", logits.softmax(-1), values)
-    return out
 
 
 def _inputs(height, width, kernel_size, with_rpb, heads=2, dim=4, dtype=torch.float64):
@@ -89,9 +42,9 @@ def test_windows_match_natten_scalar_rules(kernel_size, dilation, height, width)
     for length in (height, width):
         keys, bias_index = neighborhood_windows(length, kernel_size, dilation)
         for i in range(length):
-            start = _natten_window_start(i, length, kernel_size, dilation)
+            start = natten_window_start(i, length, kernel_size, dilation)
             assert keys[i].tolist() == [start + a * dilation for a in range(kernel_size)]
-            pb = _natten_pb_start(i, length, kernel_size, dilation)
+            pb = natten_pb_start(i, length, kernel_size, dilation)
             assert bias_index[i].tolist() == list(range(pb, pb + kernel_size))
             assert i in keys[i].tolist(), "a query always sees itself"
 
@@ -136,26 +89,6 @@ def test_even_kernel_is_refused():
         neighborhood_attention(q, k, v, 4)
 
 
-def _forward_only_backends():
-    return [b for b in NA.backends if b != "reference"]
-
-
-@pytest.mark.parametrize("backend", _forward_only_backends())
-@pytest.mark.parametrize("kernel_size, dilation, height, width", [(3, 1, 7, 10), (3, 2, 6, 11), (5, 3, 16, 15)])
-def test_fast_backends_forward_on_cpu(backend, kernel_size, dilation, height, width):
-    """On CPU natten and flex run forward only; outputs must match the oracle."""
-    q, k, v, _ = _inputs(height, width, kernel_size, False, dim=8, dtype=torch.float32)
-    with_rpb = backend == "flex"
-    rpb = torch.randn(2, 2 * kernel_size - 1, 2 * kernel_size - 1) if with_rpb else None
-    with torch.no_grad():
-        verdict = NA.supports(backend, q, k, v, kernel_size, dilation, rpb)
-        if not verdict:  # e.g. a GPU machine without natten, or without Triton's interpreter for CPU tensors
-            pytest.skip(verdict.reason)
-        expected = brute_force(q, k, v, kernel_size, dilation, rpb, scale=8**-0.5)
-        actual = neighborhood_attention(q, k, v, kernel_size, dilation, rpb, backend=backend)
-    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
-
-
 def test_fast_backends_decline_cpu_training_with_reason():
     pytest.importorskip("natten")
     q, k, v, rpb = _inputs(8, 8, 3, True, dtype=torch.float32)
@@ -165,35 +98,6 @@ def test_fast_backends_decline_cpu_training_with_reason():
     assert NA.choose(q, k, v, 3, 1, rpb) == "reference"
     with torch.no_grad():
         assert NA.choose(q, k, v, 3, 1, None) == "reference", "natten/flex are slower than the reference on CPU"
-
-
-GPU_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", list(GPU_TOL))
-@pytest.mark.parametrize("backend", _forward_only_backends())
-@pytest.mark.parametrize("kernel_size, dilation, size", [(7, 1, (56, 56)), (7, 2, (29, 43))])
-def test_fast_backends_on_cuda(backend, dtype, kernel_size, dilation, size):
-    heads, dim = 4, 32
-    q, k, v = (torch.randn(2, heads, *size, dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
-    rpb = None
-    if backend == "flex":
-        rpb = torch.randn(heads, 2 * kernel_size - 1, 2 * kernel_size - 1, device="cuda", dtype=dtype)
-        rpb.requires_grad_()
-    inputs = [t for t in (q, k, v, rpb) if t is not None]
-    verdict = NA.supports(backend, q, k, v, kernel_size, dilation, rpb)
-    if not verdict:
-        pytest.skip(verdict.reason)
-    expected = neighborhood_attention(q, k, v, kernel_size, dilation, rpb, backend="reference")
-    actual = neighborhood_attention(q, k, v, kernel_size, dilation, rpb, backend=backend)
-    tol = GPU_TOL[dtype]
-    torch.testing.assert_close(actual, expected, atol=tol, rtol=tol)
-    grad_out = torch.randn(actual.shape, device="cuda", dtype=dtype)
-    for got, want in zip(
-        torch.autograd.grad(actual, inputs, grad_out), torch.autograd.grad(expected, inputs, grad_out), strict=True
-    ):
-        torch.testing.assert_close(got, want, atol=tol * 10, rtol=tol)
 
 
 def test_mixer_exports_to_onnx_through_the_reference(tmp_path):

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 import visionzoo
 from visionzoo.cli import main
-from visionzoo.data import write_idx
+
+from tiny_datasets import write_idx
 
 RECIPES = visionzoo.list_recipes()
 QUICK_RUN = ["--trainer.fast_dev_run=true", "--trainer.accelerator=cpu", "--trainer.devices=1",

@@ -14,9 +14,10 @@ import torch
 import yaml
 
 import visionzoo
+from visionzoo.checkpoints import load_model
 from visionzoo.cli import main
-from visionzoo.data import write_ade20k, write_coco, write_idx, write_imagefolder
-from visionzoo.export import load_model
+
+from tiny_datasets import write_ade20k, write_coco, write_idx, write_imagefolder
 
 RECIPES = visionzoo.list_recipes()
 CPU_TRAINER = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32"]

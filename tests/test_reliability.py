@@ -16,9 +16,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from visionzoo.data import ClassificationData, write_idx
+from visionzoo.data import ClassificationData
 from visionzoo.tasks import ClassificationTask
 from visionzoo.training import AtomicCheckpointIO, NonFiniteLossError, StopOnNonFiniteLoss
+
+from tiny_datasets import write_idx
 
 EMA_DECAY = 0.9
 TINY_MIXVIT = dict(embed_dim=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), mixers="eca")

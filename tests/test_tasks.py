@@ -8,9 +8,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from visionzoo.data import ClassificationData, DetectionData, SegmentationData, write_ade20k, write_coco, write_idx
+from visionzoo.data import ClassificationData, DetectionData, SegmentationData
 from visionzoo.tasks import ClassificationTask, DetectionTask, SegmentationTask
 from visionzoo.tasks.base import lr_multiplier
+
+from tiny_datasets import write_ade20k, write_coco, write_idx
 
 TINY_MIXVIT = dict(embed_dim=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), mixers="eca")
 

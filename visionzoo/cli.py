@@ -53,10 +53,10 @@ def _bench(args: argparse.Namespace) -> int:
     if args.models:
         return _bench_models(args)
 
-    from visionzoo.bench import MARKDOWN_HEADER, OP_CASES, bench_mixer, bench_op, markdown_row, write_csv
+    from visionzoo.bench import MARKDOWN_HEADER, OP_CASES, RunSettings, bench_mixer, bench_op, markdown_row, write_csv
 
     print(MARKDOWN_HEADER, flush=True)
-    common = dict(
+    settings = RunSettings(
         device=args.device,
         dtype=getattr(torch, args.dtype),
         backward=not args.forward_only,
@@ -66,9 +66,9 @@ def _bench(args: argparse.Namespace) -> int:
     )
     rows = []
     for name in args.mixer or []:
-        rows += bench_mixer(name, **common)
+        rows += bench_mixer(name, settings)
     for name in args.op or ([] if args.mixer else list(OP_CASES)):
-        rows += bench_op(name, cases=args.case, backends=args.backend, **common)
+        rows += bench_op(name, settings, cases=args.case, backends=args.backend)
     if args.csv:
         with open(args.csv, "w", newline="") as stream:
             write_csv(rows, stream)
@@ -77,7 +77,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     import visionzoo
-    from visionzoo.bench import format_model_markdown, model_stats
+    from visionzoo.stats import format_model_markdown, model_stats
 
     names = sorted({name for pattern in args.patterns for name in visionzoo.list_models(pattern)})
     if not names:
@@ -89,8 +89,8 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
+    from visionzoo.checkpoints import load_model
     from visionzoo.explain import explain, explain_attention
-    from visionzoo.export import load_model
 
     if not args.attention and (args.query or args.block):
         print("error: --query and --block go with --attention", file=sys.stderr)
@@ -118,14 +118,8 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from visionzoo.export import (
-        check_onnx,
-        default_input_size,
-        export_onnx,
-        fixed_size_reasons,
-        is_detector,
-        load_model,
-    )
+    from visionzoo.checkpoints import is_detector, load_model
+    from visionzoo.export import check_onnx, default_input_size, export_onnx, fixed_size_reasons
 
     try:
         model = load_model(args.model, args.checkpoint)

@@ -7,9 +7,10 @@ Two pictures, both drawn over the image at its own size:
   grad-cam), the last ``feature_info`` module of any other timm model (e.g. a ResNet's
   ``layer4``).
 - :func:`explain_attention` draws which tokens one query attends to in one block, for the
-  mixers in :data:`QUERY_WEIGHTS`. The weights are recomputed from the block's input with
-  the kernels' reference math (scale, relative position bias, neighbourhood windows,
-  routed regions), not read out of a fast kernel.
+  mixers that explain themselves (``query_attention``, see :class:`~visionzoo.mixers.TokenMixer`).
+  The mixer recomputes the weights from the block's input with the kernels' reference math
+  (scale, relative position bias, neighbourhood windows, routed regions), not read out of a
+  fast kernel.
 
 Images are preprocessed as the model's ``pretrained_cfg`` says (interpolation, mean, std),
 squashed to the input size without a crop, so that the maps cover the whole image.
@@ -27,24 +28,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from visionzoo.backbones.mixvit import MixVit
-from visionzoo.kernels import crop_map, neighborhood_windows, pad_to_multiple, route_regions
-from visionzoo.kernels.neighborhood import _attention_weights, _gathered_bias
-from visionzoo.kernels.routing import _key_bias, _logits, _regions, _routed, _unregions, _valid_or_none
-from visionzoo.mixers import (
-    GlobalAttention,
-    GlobalLePEAttention,
-    NeighborhoodAttention,
-    RoutingAttention,
-    get_mixer_class,
-    list_mixers,
-)
+from visionzoo.mixers import TokenMixer, get_mixer_class, list_mixers
 
 __all__ = [
-    "QUERY_WEIGHTS",
     "AttentionExplanation",
     "CamExplanation",
     "attention_blocks",
+    "block_mixers",
     "cam_target_layer",
     "explain",
     "explain_attention",
@@ -134,23 +124,31 @@ def _save_png(picture: np.ndarray, out: str | Path) -> Path:
     return out
 
 
+def block_mixers(model: nn.Module) -> dict[str, TokenMixer]:
+    """The token mixers of a MixViT-layout model (``stages.S.blocks.I.mixer``) by ``S.I``, in model order."""
+    found = {}
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if isinstance(module, TokenMixer) and len(parts) == 5 and parts[::2] == ["stages", "blocks", "mixer"]:
+            found[f"{parts[1]}.{parts[3]}"] = module
+    return found
+
+
 def cam_target_layer(model: nn.Module) -> tuple[str, nn.Module, bool]:
     """The layer Grad-CAM reads, its name, and whether its output is channels-last.
 
     A MixViT's final norm (the features the head pools, channels-last); else the last
-    ``feature_info`` module, channels-last where the model says ``output_fmt="NHWC"``.
+    ``feature_info`` module, channels-last where the model says ``output_fmt="NHWC"``
+    (a MixViT without a final norm: its last stage).
     """
-    if isinstance(model, MixVit) and not isinstance(model.norm, nn.Identity):
-        return "norm", model.norm, True
+    norm = getattr(model, "norm", None)
+    if block_mixers(model) and isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity):
+        return "norm", norm, True
     info = getattr(model, "feature_info", None)
-    if isinstance(model, MixVit):
-        name = f"stages.{len(model.stages) - 1}"
-    elif isinstance(info, list) and info and "module" in info[-1]:
-        name = info[-1]["module"]
-    else:
+    if not (isinstance(info, list) and info and "module" in info[-1]):
         raise ValueError(f"{_model_name(model)} declares no feature_info: cannot pick a layer for Grad-CAM")
-    channels_last = isinstance(model, MixVit) or getattr(model, "output_fmt", "NCHW") == "NHWC"
-    return name, model.get_submodule(name), channels_last
+    name = info[-1]["module"]
+    return name, model.get_submodule(name), getattr(model, "output_fmt", "NCHW") == "NHWC"
 
 
 def _to_nchw(name: str, channels_last: bool) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -227,94 +225,32 @@ def explain(
     return CamExplanation(predicted if class_index is None else class_index, predicted, probability, layer, heat, path)
 
 
-# Attention of one query. Each function takes the mixer, its input (1, H, W, C) and a query
-# (row, col) on that map, and returns the query's weights (heads, H, W) as the mixer computes them.
-
-
-def _neighborhood_weights(mixer: NeighborhoodAttention, x: torch.Tensor, query: tuple[int, int]) -> torch.Tensor:
-    padded, size = pad_to_multiple(x, min_size=mixer.kernel_size * mixer.dilation)
-    q, k, _ = mixer.qkv_heads(padded)
-    height, width = padded.shape[1:3]
-    rows, bias_rows = neighborhood_windows(height, mixer.kernel_size, mixer.dilation, x.device)
-    cols, bias_cols = neighborhood_windows(width, mixer.kernel_size, mixer.dilation, x.device)
-    row, col = query
-    rows, bias_rows = rows[row : row + 1], bias_rows[row : row + 1]  # the query's window only
-    cols, bias_cols = cols[col : col + 1], bias_cols[col : col + 1]
-    bias = None if mixer.rpb is None else _gathered_bias(mixer.rpb, bias_rows, bias_cols)
-    window = _attention_weights(q[:, :, row : row + 1, col : col + 1], k, rows, cols, bias, mixer.scale)[0, :, 0, 0]
-    weights = padded.new_zeros(mixer.num_heads, height, width)
-    weights[:, rows[0, :, None], cols[0, None, :]] = window
-    return crop_map(weights[..., None], size)[..., 0]
-
-
-def _routing_weights(mixer: RoutingAttention, x: torch.Tensor, query: tuple[int, int]) -> torch.Tensor:
-    padded, size = pad_to_multiple(x, mixer.n_win)
-    q, k, _ = mixer.qkv_heads(padded)
-    height, width = padded.shape[1:3]
-    index = route_regions(q, k, mixer.n_win, mixer.topk, mixer.scale, valid_size=size)
-    region_h, region_w = height // mixer.n_win, width // mixer.n_win
-    row, col = query
-    region = (row // region_h) * mixer.n_win + col // region_w
-    token = (row % region_h) * region_w + col % region_w
-    routed = index[:, region : region + 1]  # (1, 1, topk)
-    valid = _valid_or_none(q, mixer.n_win, size)
-    logits = _logits(
-        _regions(q, mixer.n_win)[:, :, region : region + 1, token : token + 1],
-        _routed(_regions(k, mixer.n_win), routed),
-        None if valid is None else _key_bias(valid, routed, q.dtype),
-        mixer.scale,
-    )  # (1, heads, 1, 1, topk * tokens)
-    by_region = padded.new_zeros(1, mixer.num_heads, mixer.n_win**2, region_h * region_w)
-    by_region[:, :, routed[0, 0]] = logits.softmax(-1).reshape(1, mixer.num_heads, routed.shape[-1], -1)
-    weights = _unregions(by_region[..., None], mixer.n_win, height, width)[0]
-    return crop_map(weights, size)[..., 0]
-
-
-def _global_weights(
-    mixer: GlobalAttention | GlobalLePEAttention, x: torch.Tensor, query: tuple[int, int]
-) -> torch.Tensor:
-    q, k, _ = mixer.qkv_heads(x)
-    row, col = query
-    logits = (q[0, :, row, col, None] * mixer.head_dim**-0.5) @ k[0].flatten(1, 2).transpose(-1, -2)
-    return logits.softmax(-1).reshape(mixer.num_heads, *x.shape[1:3])
-
-
-QUERY_WEIGHTS: dict[type[nn.Module], Callable[[nn.Module, torch.Tensor, tuple[int, int]], torch.Tensor]] = {
-    NeighborhoodAttention: _neighborhood_weights,
-    RoutingAttention: _routing_weights,
-    GlobalAttention: _global_weights,
-    GlobalLePEAttention: _global_weights,
-}
+def _has_attention_map(mixer: nn.Module | type) -> bool:
+    return callable(getattr(mixer, "query_attention", None))
 
 
 def _mixers_with_maps() -> str:
-    return ", ".join(name for name in list_mixers() if get_mixer_class(name) in QUERY_WEIGHTS)
+    return ", ".join(name for name in list_mixers() if _has_attention_map(get_mixer_class(name)))
 
 
 @torch.no_grad()
 def query_weights(mixer: nn.Module, x: torch.Tensor, query: tuple[int, int]) -> torch.Tensor:
     """Attention weights ``(heads, H, W)`` of the token ``query`` (row, col) of the mixer's input ``x``
-    ``(1, H, W, C)``; each head sums to 1 over the map (less what falls on padding, for NA on maps smaller
-    than its window)."""
-    compute = QUERY_WEIGHTS.get(type(mixer))
-    if compute is None:
+    ``(1, H, W, C)``, from the mixer's ``query_attention``; each head sums to 1 over the map (less what falls
+    on padding, for NA on maps smaller than its window)."""
+    if not _has_attention_map(mixer):
         raise ValueError(f"no attention map for {type(mixer).__name__}; mixers with one: {_mixers_with_maps()}")
     if x.ndim != 4 or x.shape[0] != 1:
         raise ValueError(f"query_weights takes one channels-last map (1, H, W, C), got {tuple(x.shape)}")
     row, col = query
     if not (0 <= row < x.shape[1] and 0 <= col < x.shape[2]):
         raise ValueError(f"query token {tuple(query)} lies outside the {x.shape[1]}x{x.shape[2]} map")
-    return compute(mixer, x, (row, col))
+    return mixer.query_attention(x, (row, col))
 
 
 def attention_blocks(model: nn.Module) -> dict[str, nn.Module]:
     """Mixers with an attention map, by ``stage.block`` (``stages.S.blocks.I.mixer``), in model order."""
-    found = {}
-    for name, module in model.named_modules():
-        parts = name.split(".")
-        if type(module) in QUERY_WEIGHTS and len(parts) == 5 and parts[::2] == ["stages", "blocks", "mixer"]:
-            found[f"{parts[1]}.{parts[3]}"] = module
-    return found
+    return {key: mixer for key, mixer in block_mixers(model).items() if _has_attention_map(mixer)}
 
 
 def _pick_block(model: nn.Module, block: str | None) -> tuple[str, nn.Module]:

@@ -301,7 +301,7 @@ class VisionZooCLI(LightningCLI):
                 return  # Lightning starts afresh and says so
         if ckpt_path in (None, "best", "last", "hpc", "registry"):
             return
-        from visionzoo.export import read_checkpoint
+        from visionzoo.checkpoints import read_checkpoint
 
         try:
             checkpoint = read_checkpoint(ckpt_path)

@@ -1,11 +1,10 @@
 """Lightning data modules for classification, detection and segmentation, with albumentations pipelines
-declared in YAML, and writers of tiny datasets in the same on-disk formats (``synthetic``)."""
+declared in YAML."""
 
 from .base import VisionDataModule
 from .classification import FASHION_MNIST_CLASSES, ClassificationData, read_idx
 from .detection import DetectionData, collate_detection
 from .segmentation import ADE20K_CLASSES, VOC_CLASSES, SegmentationData
-from .synthetic import write_ade20k, write_coco, write_idx, write_imagefolder, write_voc
 from .transforms import DataConfig, build_pipeline, make_transform, resolve_data_config
 
 __all__ = [
@@ -22,9 +21,4 @@ __all__ = [
     "make_transform",
     "read_idx",
     "resolve_data_config",
-    "write_ade20k",
-    "write_coco",
-    "write_idx",
-    "write_imagefolder",
-    "write_voc",
 ]

@@ -69,9 +69,7 @@ def resolve_data_config(
     without a model."""
     values: dict[str, Any] = {}
     if model_name is not None:
-        import timm
-
-        import visionzoo  # noqa: F401  (registers visionzoo's models and their pretrained cfgs)
+        import timm  # visionzoo's models are registered: importing this module imported the package first
 
         cfg = timm.get_pretrained_cfg(model_name)
         if cfg is None:

@@ -1,15 +1,17 @@
 """Token mixers, registered by name: ``create_mixer(name, dim, num_heads=..., **hparams)``."""
 
+from . import registry
 from .aggregated import AggregatedAttention, CosineGlobalAttention
 from .gates import EcaGate, EcaMixer, ElaGate, ElaMixer
 from .global_attention import GlobalAttention
 from .halo import HaloAttention
 from .multi_axis import MultiAxisAttention, PartitionAttention
 from .neighborhood import NeighborhoodAttention
-from .registry import MultiHeadMixer, TokenMixer, create_mixer, get_mixer_class, list_mixers, register_mixer
+from .registry import *  # noqa: F403  (the mixer base classes and the registry functions)
 from .routing import GlobalLePEAttention, RoutingAttention
 
 __all__ = [
+    *(name for name in registry.__all__ if name != "resolve_num_heads"),
     "AggregatedAttention",
     "CosineGlobalAttention",
     "EcaGate",
@@ -20,13 +22,7 @@ __all__ = [
     "GlobalLePEAttention",
     "HaloAttention",
     "MultiAxisAttention",
-    "MultiHeadMixer",
     "NeighborhoodAttention",
     "PartitionAttention",
     "RoutingAttention",
-    "TokenMixer",
-    "create_mixer",
-    "get_mixer_class",
-    "list_mixers",
-    "register_mixer",
 ]

@@ -22,7 +22,7 @@ from torch import nn
 
 from visionzoo.kernels import aggregated_attention, dense_attention, pooled_position_coords
 
-from .registry import TokenMixer, register_mixer, resolve_num_heads
+from .registry import HeadedMixer, register_mixer
 
 __all__ = ["AggregatedAttention", "CosineGlobalAttention"]
 
@@ -34,7 +34,7 @@ def _pair(value: int | tuple[int, int] | None) -> tuple[int, int] | None:
     return (value, value) if isinstance(value, int) else (tuple(value) if value is not None else None)
 
 
-class _LengthScaledCosineAttention(TokenMixer):
+class _LengthScaledCosineAttention(HeadedMixer):
     """What both TransNeXt mixers share: temperature, query embedding, the CPB MLP and ``proj``.
 
     Args:
@@ -62,9 +62,7 @@ class _LengthScaledCosineAttention(TokenMixer):
         head_dim: int,
         backend: str,
     ):
-        super().__init__(dim, backend)
-        self.num_heads = resolve_num_heads(dim, num_heads, head_dim)
-        self.head_dim = dim // self.num_heads
+        super().__init__(dim, num_heads, head_dim, backend)
         self.pretrain_size = _pair(pretrain_size)
         if self.pretrain_size is not None and min(self.pretrain_size) < 2:
             raise ValueError(f"pretrain_size must be at least 2x2, got {pretrain_size}")
@@ -92,8 +90,9 @@ class _LengthScaledCosineAttention(TokenMixer):
     def logit_scale(self) -> torch.Tensor:
         return F.softplus(self.temperature).reshape(self.num_heads)
 
-    def merge_heads(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """``(B, heads, H, W, head_dim)`` or ``(B, heads, H*W, head_dim)`` to ``(B, H, W, C)``, then ``proj``."""
+    def merge_and_project(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """``(B, heads, H, W, head_dim)`` or ``(B, heads, H*W, head_dim)`` to ``(B, H, W, C)``, then ``proj``; reshaped
+        to ``map_size``'s constant H and W, which the next mixer's adaptive pooling needs known in a traced graph."""
         batch = x.shape[0]
         x = x.reshape(batch, self.num_heads, *size, self.head_dim).permute(0, 2, 3, 1, 4)
         return self.proj(x.reshape(batch, *size, self.dim))
@@ -150,30 +149,29 @@ class AggregatedAttention(_LengthScaledCosineAttention):
         return super().no_weight_decay() | {"relative_pos_bias_local"}
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
-        batch, (height, width) = x.shape[0], self.map_size(x)
+        height, width = self.map_size(x)
         pool_size = (height // self.sr_ratio, width // self.sr_ratio)
-        heads, head_dim = self.num_heads, self.head_dim
-        q = self.q(x).reshape(batch, height, width, heads, head_dim).permute(0, 3, 1, 2, 4)
-        k, v = self.kv(x).reshape(batch, height, width, 2, heads, head_dim).permute(3, 0, 4, 1, 2, 5).unbind(0)
+        (q,) = self.split_heads(self.q(x), size=(height, width))
+        k, v = self.split_heads(self.kv(x), 2, size=(height, width))
         pooled = F.adaptive_avg_pool2d(self.act(self.sr(x.permute(0, 3, 1, 2))), pool_size)
-        pooled = self.kv(self.norm(pooled.flatten(2).transpose(1, 2)))
-        k_pool, v_pool = pooled.reshape(batch, -1, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        pooled = self.kv(self.norm(pooled.permute(0, 2, 3, 1)))  # channels-last (B, ph, pw, 2C)
+        k_pool, v_pool = (t.flatten(2, 3) for t in self.split_heads(pooled, 2, size=pool_size))
         out = aggregated_attention(
             q,
             k,
             v,
             k_pool,
             v_pool,
-            self.query_embedding.reshape(heads, head_dim),
+            self.query_embedding.reshape(self.num_heads, self.head_dim),
             self.logit_scale(),
             self.relative_pos_bias_local,
             self.position_bias((height, width), pool_size),
             self.learnable_tokens,
-            self.learnable_bias.reshape(heads, -1),
+            self.learnable_bias.reshape(self.num_heads, -1),
             self.window_size,
             backend=self.kernel_backend,
         )
-        return self.merge_heads(out, (height, width))
+        return self.merge_and_project(out, (height, width))
 
 
 @register_mixer("cosine_global")
@@ -205,11 +203,10 @@ class CosineGlobalAttention(_LengthScaledCosineAttention):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
-        batch, (height, width) = x.shape[0], self.map_size(x)
+        height, width = self.map_size(x)
         tokens = height * width
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = (t.flatten(2, 3) for t in self.split_heads(self.qkv(x), 3, size=(height, width)))
         q = (F.normalize(q, dim=-1) + self.query_embedding) * self.logit_scale().reshape(-1, 1, 1) * math.log(tokens)
         bias = self.position_bias((height, width), (height, width)).to(q.dtype)
         out = dense_attention(q, F.normalize(k, dim=-1), v, bias, scale=1.0, backend=self.kernel_backend)
-        return self.merge_heads(out, (height, width))
+        return self.merge_and_project(out, (height, width))

@@ -8,13 +8,13 @@ from torch import nn
 
 from visionzoo.kernels import crop_map, halo_attention, pad_to_multiple
 
-from .registry import TokenMixer, register_mixer, resolve_num_heads
+from .registry import HeadedMixer, register_mixer
 
 __all__ = ["HaloAttention"]
 
 
 @register_mixer("halo")
-class HaloAttention(TokenMixer):
+class HaloAttention(HeadedMixer):
     """Blocked local self-attention with a halo, parameterised like timm's ``HaloAttn``.
 
     ``q`` and ``kv`` are timm's 1x1 convolutions as linear layers (``kv`` holds each head's
@@ -45,11 +45,9 @@ class HaloAttention(TokenMixer):
         proj: bool = True,
         backend: str = "auto",
     ):
-        super().__init__(dim, backend)
-        self.num_heads = resolve_num_heads(dim, num_heads, head_dim)
+        super().__init__(dim, num_heads, head_dim, backend)
         if block_size < 1 or halo_size < 0:
             raise ValueError(f"block_size must be positive and halo_size non-negative, got {block_size}, {halo_size}")
-        self.head_dim = dim // self.num_heads
         self.block_size, self.halo_size = block_size, halo_size
         window = block_size + 2 * halo_size
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
@@ -76,12 +74,9 @@ class HaloAttention(TokenMixer):
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         x, size = pad_to_multiple(x, self.block_size)
-        batch, height, width, _ = x.shape
-        q = self.q(x).reshape(batch, height, width, self.num_heads, self.head_dim).permute(0, 3, 1, 2, 4)
-        kv = self.kv(x).reshape(batch, height, width, self.num_heads, 2 * self.head_dim).permute(0, 3, 1, 2, 4)
-        k, v = kv.chunk(2, dim=-1)
+        (q,) = self.split_heads(self.q(x))
+        k, v = self.split_heads(self.kv(x), 2, heads_first=True)
         out = halo_attention(
             q, k, v, self.block_size, self.halo_size, self.rel_height, self.rel_width, backend=self.kernel_backend
         )
-        out = out.permute(0, 2, 3, 1, 4).reshape(batch, height, width, self.dim)
-        return self.proj(crop_map(out, size))
+        return self.proj(crop_map(self.merge_heads(out), size))

@@ -6,9 +6,9 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-from visionzoo.kernels import crop_map, neighborhood_attention, pad_to_multiple
+from visionzoo.kernels import crop_map, neighborhood_attention, neighborhood_attention_weights
 
-from .registry import MultiHeadMixer, register_mixer
+from .registry import MultiHeadMixer, query_map, register_mixer
 
 __all__ = ["NeighborhoodAttention"]
 
@@ -58,9 +58,15 @@ class NeighborhoodAttention(MultiHeadMixer):
         return {"rpb"} if self.rpb is not None else set()
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
-        x, size = pad_to_multiple(x, min_size=self.kernel_size * self.dilation)
-        q, k, v = self.qkv_heads(x)
+        (q, k, v), size = self.padded_qkv_heads(x, min_size=self.kernel_size * self.dilation)
         out = neighborhood_attention(
             q, k, v, self.kernel_size, self.dilation, self.rpb, scale=self.scale, backend=self.kernel_backend
         )
         return self.proj(crop_map(self.merge_heads(out), size))
+
+    def query_attention(self, x: torch.Tensor, query: tuple[int, int]) -> torch.Tensor:
+        """Attention weights ``(heads, H, W)`` of the token ``query`` (row, col) of ``x`` ``(1, H, W, C)``:
+        its window's, zero elsewhere."""
+        (q, k, _), size = self.padded_qkv_heads(x, min_size=self.kernel_size * self.dilation)
+        weights, keys = neighborhood_attention_weights(q, k, self.kernel_size, self.dilation, self.rpb, self.scale)
+        return query_map(weights, keys, query, size)

@@ -8,12 +8,16 @@ import torch
 from timm.layers import is_exportable
 from torch import nn
 
+from visionzoo.kernels import pad_to_multiple
+
 __all__ = [
+    "HeadedMixer",
     "MultiHeadMixer",
     "TokenMixer",
     "create_mixer",
     "get_mixer_class",
     "list_mixers",
+    "query_map",
     "register_mixer",
     "resolve_num_heads",
 ]
@@ -30,7 +34,11 @@ class TokenMixer(nn.Module):
 
     Subclasses implement :meth:`mix`; :meth:`forward` checks the input first. A mixer
     whose windows need a minimum map size sets ``min_size`` (per instance when it
-    depends on the hyper-parameters) and pads internally above it.
+    depends on the hyper-parameters) and pads internally above it. An attention mixer
+    can also explain itself: ``query_attention(x, query)`` returns the attention weights
+    ``(heads, H, W)`` of the token ``query`` (row, col) of one map ``x`` ``(1, H, W, C)``,
+    computed as :meth:`mix` computes them (``visionzoo explain`` draws them); a mixer
+    without attention weights lacks the method.
 
     Args:
         dim: channels.
@@ -76,7 +84,44 @@ def resolve_num_heads(dim: int, num_heads: int | None, head_dim: int) -> int:
     return heads
 
 
-class MultiHeadMixer(TokenMixer):
+class HeadedMixer(TokenMixer):
+    """A token mixer whose channels split into attention heads.
+
+    Args:
+        dim: channels.
+        num_heads: attention heads; ``dim // head_dim`` when None.
+        head_dim: channels per head when ``num_heads`` is None.
+        backend: kernel backend for the mixer's ops.
+    """
+
+    def __init__(self, dim: int, num_heads: int | None, head_dim: int, backend: str):
+        super().__init__(dim, backend)
+        self.num_heads = resolve_num_heads(dim, num_heads, head_dim)
+        self.head_dim = dim // self.num_heads
+
+    def split_heads(
+        self, x: torch.Tensor, parts: int = 1, heads_first: bool = False, size: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """A channels-last projection ``(B, H, W, parts * C)`` to ``parts`` maps ``(B, heads, H, W, head_dim)``.
+
+        Args:
+            x: the projection.
+            parts: how many maps its channels hold (e.g. 3 for queries, keys and values).
+            heads_first: channels are head by head, each holding its ``parts`` (timm's halo ``kv``), rather
+                than part by part, each holding every head.
+            size: H and W as Python ints, for mixers whose traced graph fixes them (their adaptive pooling needs
+                sizes that ONNX knows); taken from ``x`` otherwise, so the graph keeps them dynamic.
+        """
+        layout = (self.num_heads, parts, self.head_dim) if heads_first else (parts, self.num_heads, self.head_dim)
+        x = x.reshape(x.shape[0], *size, *layout) if size is not None else x.reshape(*x.shape[:3], *layout)
+        return (x.permute(4, 0, 3, 1, 2, 5) if heads_first else x.permute(3, 0, 4, 1, 2, 5)).unbind(0)
+
+    def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, heads, H, W, head_dim)`` back to channels-last ``(B, H, W, C)`` (before ``proj``)."""
+        return x.permute(0, 2, 3, 1, 4).flatten(3)  # no sizes from x.shape: ONNX keeps H and W dynamic
+
+
+class MultiHeadMixer(HeadedMixer):
     """A token mixer with a joint query/key/value projection, heads, and an output projection.
 
     Args:
@@ -90,21 +135,40 @@ class MultiHeadMixer(TokenMixer):
     def __init__(
         self, dim: int, num_heads: int | None = None, head_dim: int = 32, qkv_bias: bool = True, backend: str = "auto"
     ):
-        super().__init__(dim, backend)
-        self.num_heads = resolve_num_heads(dim, num_heads, head_dim)
-        self.head_dim = dim // self.num_heads
+        super().__init__(dim, num_heads, head_dim, backend)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Channels-last ``(B, H, W, C)`` to queries, keys and values ``(B, heads, H, W, head_dim)``."""
-        batch, height, width, _ = x.shape
-        qkv = self.qkv(x).reshape(batch, height, width, 3, self.num_heads, self.head_dim)
-        return qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
+        return self.split_heads(self.qkv(x), 3)
 
-    def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, heads, H, W, head_dim)`` back to channels-last ``(B, H, W, C)`` (before ``proj``)."""
-        return x.permute(0, 2, 3, 1, 4).flatten(3)  # no sizes from x.shape: ONNX keeps H and W dynamic
+    def padded_qkv_heads(
+        self, x: torch.Tensor, multiple: int = 1, min_size: int = 0
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], tuple[int, int]]:
+        """:meth:`qkv_heads` of ``x`` zero-padded at the bottom and right (``pad_to_multiple``), and the
+        ``(H, W)`` of ``x``, for ``crop_map``."""
+        padded, size = pad_to_multiple(x, multiple, min_size=min_size)
+        return self.qkv_heads(padded), size
+
+
+def query_map(weights: torch.Tensor, keys: torch.Tensor, query: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """One query's attention weights over the map, from a kernel's ``*_attention_weights``.
+
+    Args:
+        weights: ``(1, heads, H, W, K)``, every query's weights over its ``K`` keys (on a padded map).
+        keys: ``(1, H, W, K)``, the flat position ``row * W + col`` of each of those keys.
+        query: the query's (row, col).
+        size: ``(h, w)`` of the real map at the top left of the padded one.
+
+    Returns:
+        ``(heads, h, w)``: the weights at their keys' positions, zero elsewhere.
+    """
+    row, col = query
+    height, width = weights.shape[2], weights.shape[3]
+    flat = weights.new_zeros(weights.shape[1], height * width)
+    flat[:, keys[0, row, col]] = weights[0, :, row, col]  # a query's keys are distinct positions
+    return flat.unflatten(1, (height, width))[:, : size[0], : size[1]]
 
 
 def register_mixer(name: str) -> Callable[[type[TokenMixer]], type[TokenMixer]]:

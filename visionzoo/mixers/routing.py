@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from visionzoo.kernels import bilevel_routing_attention, crop_map, dense_attention, pad_to_multiple
+from visionzoo.kernels import bilevel_routing_attention, bilevel_routing_attention_weights, crop_map
 
-from .registry import MultiHeadMixer, register_mixer
+from .global_attention import DenseAttentionMixer
+from .registry import MultiHeadMixer, query_map, register_mixer
 
 __all__ = ["GlobalLePEAttention", "RoutingAttention"]
 
@@ -65,17 +66,23 @@ class RoutingAttention(MultiHeadMixer):
         self.lepe = _lepe_conv(dim, side_dwconv)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
-        padded, size = pad_to_multiple(x, self.n_win)
-        q, k, v = self.qkv_heads(padded)
+        (q, k, v), size = self.padded_qkv_heads(x, self.n_win)
         out = bilevel_routing_attention(
             q, k, v, self.n_win, self.topk, self.scale, valid_size=size, backend=self.kernel_backend
         )
         out = crop_map(self.merge_heads(out), size)
         return self.proj(out + _apply_lepe(self.lepe, crop_map(self.merge_heads(v), size)))
 
+    def query_attention(self, x: torch.Tensor, query: tuple[int, int]) -> torch.Tensor:
+        """Attention weights ``(heads, H, W)`` of the token ``query`` (row, col) of ``x`` ``(1, H, W, C)``:
+        over the real tokens of its region's routed regions, zero elsewhere."""
+        (q, k, _), size = self.padded_qkv_heads(x, self.n_win)
+        weights, keys = bilevel_routing_attention_weights(q, k, self.n_win, self.topk, self.scale, valid_size=size)
+        return query_map(weights, keys, query, size)
+
 
 @register_mixer("global_lepe")
-class GlobalLePEAttention(MultiHeadMixer):
+class GlobalLePEAttention(DenseAttentionMixer):
     """Global attention plus a depthwise convolution of the mixer's input (BiFormer's last stage).
 
     The official ``AttentionLePE`` (``models/_common.py``, used where ``topk == -2``): no
@@ -104,6 +111,4 @@ class GlobalLePEAttention(MultiHeadMixer):
         self.lepe = _lepe_conv(dim, side_dwconv)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (t.flatten(2, 3) for t in self.qkv_heads(x))
-        out = dense_attention(q, k, v, backend=self.kernel_backend).unflatten(2, x.shape[1:3])
-        return self.proj(self.merge_heads(out) + _apply_lepe(self.lepe, x))
+        return self.proj(self.merge_heads(self.attend(x)) + _apply_lepe(self.lepe, x))

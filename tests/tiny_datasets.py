@@ -1,4 +1,4 @@
-"""Tiny datasets written in the real on-disk formats, for tests and for the recipes' fast_dev_run checks.
+"""Test fixtures: tiny datasets written in the real on-disk formats, for the data, task and recipe tests.
 
 Every image carries content that depends on its labels (a class-coloured shape over low noise), so a model
 can learn from them. Each writer returns the paths a recipe's ``data:`` section needs.
@@ -195,11 +195,15 @@ def _label_map(rng: np.random.Generator, labels: Sequence[int], height: int, wid
     return label_map
 
 
-def _paint(rng: np.random.Generator, label_map: np.ndarray) -> np.ndarray:
+def _scene(rng: np.random.Generator, num_labels: int, size: tuple[int, int]) -> tuple[np.ndarray, Image.Image]:
+    """A label map of background 0 with rectangles of two labels out of ``1..num_labels - 1``, and its image
+    painted with each label's colour over noise."""
+    labels = [0, *(int(v) for v in rng.choice(np.arange(1, num_labels), size=2, replace=False))]
+    label_map = _label_map(rng, labels, *size)
     image = _noise(rng, *label_map.shape)
     for label in np.unique(label_map):
         image[label_map == label] = class_color(int(label))
-    return image
+    return label_map, Image.fromarray(image)
 
 
 def write_ade20k(
@@ -217,10 +221,9 @@ def write_ade20k(
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
         for i in range(images):
-            labels = [0, *(int(v) for v in rng.choice(np.arange(1, num_classes + 1), size=2, replace=False))]
-            label_map = _label_map(rng, labels, *size)
+            label_map, image = _scene(rng, num_classes + 1, size)
             name = f"{prefix}_{i + 1:08d}"
-            Image.fromarray(_paint(rng, label_map)).save(root / "images" / split / f"{name}.jpg", quality=95)
+            image.save(root / "images" / split / f"{name}.jpg", quality=95)
             Image.fromarray(label_map).save(root / "annotations" / split / f"{name}.png")
     return root
 
@@ -258,9 +261,8 @@ def write_voc(
         names = []
         for i in range(images):
             name = f"2007_{split}_{i:06d}"
-            labels = [0, *(int(v) for v in rng.choice(np.arange(1, num_classes), size=2, replace=False))]
-            label_map = _label_map(rng, labels, *size)
-            Image.fromarray(_paint(rng, label_map)).save(root / "JPEGImages" / f"{name}.jpg", quality=95)
+            label_map, image = _scene(rng, num_classes, size)
+            image.save(root / "JPEGImages" / f"{name}.jpg", quality=95)
             border = label_map.copy()
             border[1:-1, 1:-1][np.diff(label_map, axis=1)[1:-1, 1:] != 0] = 255
             mask = Image.frombytes("P", (border.shape[1], border.shape[0]), border.tobytes())
