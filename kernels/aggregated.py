@@ -178,7 +178,13 @@ def aggregated_attention_unfold(
     return out.reshape(batch, heads, height, width, dim)
 
 
-_op = KernelOp("aggregated_attention", aggregated_attention_reference, priority=("flex", "triton"))
+_op = KernelOp(
+    "aggregated_attention",
+    aggregated_attention_reference,
+    priority=("flex", "triton"),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor k_pool, Tensor v_pool, Tensor query_embedding, Tensor logit_scale, "
+    "Tensor rpb, Tensor pool_bias, Tensor learnable_tokens, Tensor learnable_bias, int window_size) -> Tensor",
+)
 
 
 _MAX_UNFUSED_SCORE_BYTES = 2**30

@@ -3,7 +3,8 @@
 Every op owns a ``reference`` backend (plain PyTorch, the oracle) and optional fast
 backends. A call picks one by precedence:
 
-1. tracing, scripting or ONNX/torch.export export: always ``reference``;
+1. tracing, scripting or ONNX/torch.export export: always ``reference``, traced inline as plain
+   aten ops (so the exported graph needs no custom operator and ONNX can translate it);
 2. an explicit ``backend=`` argument;
 3. the innermost :func:`use_backend` context;
 4. the ``VISIONZOO_BACKEND`` environment variable;
@@ -13,7 +14,14 @@ backends. A call picks one by precedence:
 A forced backend (2-4) that the op has but that cannot run these inputs raises with the
 predicate's reason; a context or environment choice that the op does not have at all
 falls through to ``auto`` (so ``VISIONZOO_BACKEND=natten`` still lets dense attention
-run). Declines are logged at DEBUG level on the ``visionzoo.kernels`` logger.
+run). Declines are logged at DEBUG level on the ``visionzoo.kernels`` logger (in eager mode).
+
+Under ``torch.compile`` the choice is made while dynamo traces (it reads only what dynamo
+guards on: devices, dtypes, shapes, ``requires_grad``). An op given a ``schema`` is then one
+PyTorch custom operator per call, ``torch.ops.visionzoo.<name>`` (see :func:`_define_custom_op`),
+with a fake implementation for the output shape and a registered backward, so dynamo and
+AOTAutograd see one node whatever the backend runs inside (Triton launches, natten, Python
+index tables). An op without a schema is plain aten code in every backend and is traced inline.
 
 Every backend also declares what it supports (:class:`Support`: devices, dtypes, where it
 computes gradients, which optional inputs it takes). Dispatch never reads a declaration; the
@@ -109,6 +117,11 @@ def if_installed(module: str, support: Support) -> Callable[[], Support]:
     return lambda: support if importlib.util.find_spec(module) is not None else Support()
 
 
+def _debug(message: str, *args) -> None:
+    if not torch.compiler.is_compiling():  # dynamo cannot trace a logging call
+        _log.debug(message, *args)
+
+
 def _always(*args, **kwargs) -> Capability:
     return Capability.yes()
 
@@ -160,9 +173,20 @@ class KernelOp:
         priority: the fast backends in the order ``auto`` tries them; only these may register.
         features: names of the op's optional inputs or variants a backend may or may not take
             (e.g. ``"rpb"``), for the backends' :class:`Support` declarations.
+        schema: the operator schema of the op's positional arguments (``"(Tensor q, ..., int k) ->
+            Tensor"``, output shaped ``q.shape[:-1] + v.shape[-1:]`` in ``q``'s dtype): compiled
+            calls then run as the custom operator ``torch.ops.visionzoo.<name>``. None for an op
+            whose backends are all traceable aten code.
     """
 
-    def __init__(self, name: str, reference: Callable, priority: tuple[str, ...] = (), features: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        name: str,
+        reference: Callable,
+        priority: tuple[str, ...] = (),
+        features: tuple[str, ...] = (),
+        schema: str | None = None,
+    ):
         if name in _OPS:
             raise ValueError(f"kernel op {name!r} is already registered")
         unknown = [b for b in priority if b not in BACKENDS or b == REFERENCE]
@@ -173,6 +197,7 @@ class KernelOp:
         self.features = features
         everything = Support(("cpu", "cuda"), FLOAT_DTYPES, ("cpu", "cuda"), features)
         self._backends: dict[str, _Backend] = {REFERENCE: _Backend(reference, _always, everything)}
+        self.custom_op = None if schema is None else _define_custom_op(self, schema)
         _OPS[name] = self
 
     @property
@@ -234,7 +259,7 @@ class KernelOp:
                         f"unknown kernel backend {backend!r} (from use_backend or {ENV_VAR}); "
                         f"known: {AUTO}, {', '.join(BACKENDS)}"
                     )
-                _log.debug("%s: no backend %r, choosing automatically", self.name, backend)
+                _debug("%s: no backend %r, choosing automatically", self.name, backend)
                 backend = AUTO
         if backend != AUTO:
             verdict = self.supports(backend, *args, **kwargs)
@@ -245,17 +270,98 @@ class KernelOp:
         for name in self.backends:
             auto_devices = self._backends[name].auto_devices
             if auto_devices is not None and device not in auto_devices:
-                _log.debug("%s: %s is not chosen automatically on %s", self.name, name, device)
+                _debug("%s: %s is not chosen automatically on %s", self.name, name, device)
                 continue
             verdict = self.supports(name, *args, **kwargs)
             if verdict:
                 return name
-            _log.debug("%s: %s declined: %s", self.name, name, verdict.reason)
+            _debug("%s: %s declined: %s", self.name, name, verdict.reason)
         raise AssertionError("reference always runs")  # pragma: no cover
 
-    def __call__(self, *args, backend: str = AUTO, **kwargs):
-        name = self.choose(*args, backend=backend, **kwargs)
-        return self._backends[name].fn(*args, **kwargs)
+    def run(self, backend: str, *args):
+        """Run ``backend`` on these positional arguments, without choosing or checking."""
+        return self._backends[backend].fn(*args)
+
+    def __call__(self, *args, backend: str = AUTO):
+        name = self.choose(*args, backend=backend)
+        if self.custom_op is not None and torch.compiler.is_compiling() and not is_exporting():
+            return self.custom_op(*args, name)
+        return self.run(name, *args)
+
+
+_LIBRARY = torch.library.Library("visionzoo", "FRAGMENT")
+
+
+def _define_custom_op(op: KernelOp, schema: str):
+    """``torch.ops.visionzoo.<name>(*args, backend)``: the op as one opaque node for dynamo and AOTAutograd.
+
+    The forward runs the named backend eagerly. The backward is a second operator,
+    ``<name>_backward``, that recomputes the forward with autograd on and takes its gradients, so
+    each backend keeps its own backward (and saves nothing extra) and the pair needs no
+    backend-specific residuals. Both have fake implementations, from the shapes of the inputs.
+    """
+    params, returns = schema.rsplit("->", 1)
+    if returns.strip() != "Tensor":
+        raise ValueError(f"{op.name}: a custom op returns one Tensor, got {returns.strip()!r}")
+    params = params.strip()[1:-1]
+    _LIBRARY.define(f"{op.name}({params}, str backend) -> Tensor")
+    _LIBRARY.define(f"{op.name}_backward(Tensor grad_out, {params}, str backend, bool[] needs) -> Tensor[]")
+    forward = getattr(torch.ops.visionzoo, op.name).default
+    backward = getattr(torch.ops.visionzoo, f"{op.name}_backward").default
+
+    def run(*args):
+        *args, backend = args
+        out = op.run(backend, *args)
+        return out.to(args[0].dtype).contiguous()  # the fake's dtype; never a view of an input
+
+    def fake(*args):
+        q, v = args[0], args[2]
+        return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+    def recompute_grads(grad_out, *args):
+        *args, backend, needs = args
+        needs = iter(needs)
+        args = [a.detach().requires_grad_(next(needs)) if isinstance(a, torch.Tensor) else a for a in args]
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        with torch.enable_grad():
+            out = op.run(backend, *args)
+            wanted = [t for t in tensors if t.requires_grad]
+            grads = iter(torch.autograd.grad(out, wanted, grad_out.contiguous(), allow_unused=True))
+        return [_like(next(grads), t) if t.requires_grad else t.new_empty(0) for t in tensors]
+
+    def fake_grads(grad_out, *args):
+        *args, _, needs = args
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        return [torch.empty_like(t) if need else t.new_empty(0) for t, need in zip(tensors, needs, strict=True)]
+
+    def setup_context(ctx, inputs, output):
+        ctx.inputs = inputs
+        tensors = [a for a in inputs if isinstance(a, torch.Tensor)]
+        ctx.save_for_backward(*tensors)
+
+    def backward_of(ctx, grad_out):
+        saved = iter(ctx.saved_tensors)
+        args = [next(saved) if isinstance(a, torch.Tensor) else a for a in ctx.inputs]
+        *args, backend = args
+        positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        needs = [bool(ctx.needs_input_grad[i]) for i in positions]
+        grads = backward(grad_out, *args, backend, needs) if any(needs) else []
+        out = [None] * (len(args) + 1)
+        for i, need, grad in zip(positions, needs, grads):
+            out[i] = grad if need else None
+        return tuple(out)
+
+    _LIBRARY.impl(op.name, run, "CompositeExplicitAutograd")
+    _LIBRARY.impl(f"{op.name}_backward", recompute_grads, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"visionzoo::{op.name}", fake, lib=_LIBRARY)
+    torch.library.register_fake(f"visionzoo::{op.name}_backward", fake_grads, lib=_LIBRARY)
+    torch.library.register_autograd(f"visionzoo::{op.name}", backward_of, setup_context=setup_context, lib=_LIBRARY)
+    return forward
+
+
+def _like(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``grad`` (zeros when None) laid out as ``like``, as the fake gradient is."""
+    return torch.zeros_like(like) if grad is None else torch.empty_like(like).copy_(grad)
 
 
 TRITON_DTYPES = SINGLE_AND_HALF

@@ -37,15 +37,24 @@ __all__ = [
 
 
 def cached_geometry(fn):
-    """``lru_cache`` for index tables, built outside inference mode so that training may reuse them."""
+    """``lru_cache`` for index tables, built outside inference mode so that training may reuse them.
+
+    Symbolic sizes (``torch.export``, ONNX, dynamic ``torch.compile``) are not hashable: with any, the
+    tables are built in the traced graph, from ``torch.arange`` of the sizes.
+    """
 
     @functools.lru_cache(maxsize=64)
-    @functools.wraps(fn)
     def cached(*args):
         with torch.inference_mode(False):
             return fn(*args)
 
-    return cached
+    @functools.wraps(fn)
+    def call(*args):
+        if any(isinstance(a, torch.SymInt) for a in args):
+            return fn(*args)
+        return cached(*args)
+
+    return call
 
 
 # neighborhood attention

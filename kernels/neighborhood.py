@@ -182,6 +182,7 @@ _op = KernelOp(
     neighborhood_attention_reference,
     priority=("natten", "flex", "triton"),
     features=("rpb", "float32_rpb", "dilation"),  # float32_rpb: an fp32 table beside half activations (autocast)
+    schema="(Tensor q, Tensor k, Tensor v, int kernel_size, int dilation, Tensor? rpb, float? scale) -> Tensor",
 )
 
 

@@ -210,6 +210,7 @@ _op = KernelOp(
     bilevel_routing_attention_reference,
     priority=("flex", "triton"),
     features=("valid_size", "value_dim"),  # value_dim: values with their own head dim
+    schema="(Tensor q, Tensor k, Tensor v, int n_win, int topk, float? scale, SymInt[]? valid_size) -> Tensor",
 )
 
 

@@ -10,7 +10,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["crop_map", "pad_to_multiple", "partition_windows", "relative_position_index", "unpartition_windows"]
+__all__ = [
+    "crop_map",
+    "is_static",
+    "pad_to_multiple",
+    "partition_windows",
+    "relative_position_index",
+    "sym_max",
+    "unpartition_windows",
+]
 
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
@@ -22,6 +30,9 @@ def pad_to_multiple(
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Pad H and W at the bottom and right up to multiples of ``multiple``, and at least ``min_size``.
 
+    With symbolic sizes (``torch.export``, ONNX, dynamic ``torch.compile``) it always pads, by
+    amounts that may be zero, so one graph serves every size.
+
     Returns:
         The padded tensor and the original ``(H, W)``, for :func:`crop_map`.
     """
@@ -29,19 +40,30 @@ def pad_to_multiple(
     if mh < 1 or mw < 1:
         raise ValueError(f"multiple must be positive, got {multiple}")
     height, width = x.shape[-3], x.shape[-2]
-    pad_h = max(min_h - height, 0) + -max(height, min_h) % mh
-    pad_w = max(min_w - width, 0) + -max(width, min_w) % mw
-    if pad_h or pad_w:
+    pad_h = sym_max(min_h - height, 0) + -sym_max(height, min_h) % mh
+    pad_w = sym_max(min_w - width, 0) + -sym_max(width, min_w) % mw
+    if not (is_static(pad_h, 0) and is_static(pad_w, 0)):
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h), value=value)
     return x, (height, width)
 
 
 def crop_map(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Undo :func:`pad_to_multiple`: keep the top-left ``size`` of dims ``(-3, -2)``."""
+    """Undo :func:`pad_to_multiple`: keep the top-left ``size`` of dims ``(-3, -2)`` (always, with symbolic sizes)."""
     height, width = size
-    if x.shape[-3] == height and x.shape[-2] == width:
+    if is_static(x.shape[-3], height) and is_static(x.shape[-2], width):
         return x
     return x[..., :height, :width, :].contiguous()
+
+
+def sym_max(a, b):
+    """``max`` that keeps a symbolic size symbolic (no guard on which is larger)."""
+    return torch.sym_max(a, b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else max(a, b)
+
+
+def is_static(value, expected) -> bool:
+    """Whether ``value`` is a plain int (not a symbolic size) equal to ``expected``: shape branches that hold
+    only then keep one traced graph valid at every size."""
+    return isinstance(value, int) and isinstance(expected, int) and value == expected
 
 
 def partition_windows(x: torch.Tensor, size: int | tuple[int, int], grid: bool = False) -> torch.Tensor:
