@@ -91,11 +91,11 @@ def test_bench_model_against_a_timm_model(tmp_path, capsys):
     assert main([*args, "--min-run-time", "0.01", "--csv", str(tmp_path / "models.csv"), "--chart", str(chart)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     ours, baseline = (line.split(" | ") for line in lines[2:])
-    assert ours[0] == "| ela_resnet18" and baseline[0] == "| resnet18" and ours[2] == "32x48"
-    assert all(cell.endswith("(1.00x)") for cell in baseline[6:9])  # the baseline against itself
-    assert all(cell.endswith("x)") for cell in ours[6:9])
+    assert ours[0] == "| ela_resnet18" and baseline[0] == "| resnet18" and ours[2:4] == ["eager", "32x48"]
+    assert all(cell.endswith("(1.00x)") for cell in baseline[7:10])  # the baseline against itself
+    assert all(cell.endswith("x)") for cell in ours[7:10])
     rows = (tmp_path / "models.csv").read_text().splitlines()
-    assert rows[0].startswith("model,device,input_size,batch,params,gmacs") and len(rows) == 3
+    assert rows[0].startswith("model,device,mode,channels_last,input_size,batch,params,gmacs") and len(rows) == 3
     assert chart.read_bytes().startswith(b"\x89PNG")
 
 
@@ -117,9 +117,20 @@ def test_bench_model_under_autocast():
     assert timing.device == "cpu, bfloat16 autocast" and timing.train_img_s > 0
 
 
+def test_compiled_rows_carry_their_ratio_to_the_eager_run(capsys):
+    """``--compile`` times each model eagerly, then compiled (inductor: the warm-up compiles, untimed)."""
+    args = ["bench", "test_resnet.r160_in1k", "--img-size", "32", "32", "--batch", "2", "--forward-only", "--compile"]
+    assert main([*args, "--channels-last", "--min-run-time", "0.01"]) == 0
+    eager, compiled = (line.split(" | ") for line in capsys.readouterr().out.strip().splitlines()[2:])
+    assert eager[2] == "eager, channels-last" and compiled[2] == "compiled, channels-last"
+    assert not eager[7].endswith("x)") and compiled[7].endswith("x)") and compiled[8].endswith("x)")
+
+
 def test_chart_against_the_papers_top1_leaves_out_models_without_one(tmp_path):
     def timing(model, img_s):
-        return bench.ModelTiming(model, "cpu", (224, 224), 32, 1, 4.5, 10.0, 1.0, img_s, None, None, None)
+        return bench.ModelTiming(
+            model, "cpu", "eager", False, (224, 224), 32, 1, 4.5, 10.0, 1.0, img_s, None, None, None
+        )
 
     chart = tmp_path / "top1.png"
     rows = [timing("nat_tiny", 100.0), timing("convnext_tiny", 300.0), timing("mixvit_tiny", 200.0)]

@@ -19,6 +19,8 @@ from visionzoo.kernels import (
 )
 from visionzoo.kernels.dispatch import Support
 
+from oracles import make_aggregated_inputs
+
 DENSE = get_op("dense_attention")
 
 
@@ -188,3 +190,61 @@ def test_auto_picks_sdpa_on_cuda(dtype):
     q, k, v = (torch.randn(2, 4, 196, 32, device="cuda", dtype=dtype) for _ in range(3))
     bias = torch.randn(1, 4, 196, 196, device="cuda", dtype=dtype)
     assert DENSE.choose(q, k, v, bias, None) == "sdpa"
+
+
+def _custom_op_cases():
+    """Tiny inputs of every op that runs as a custom operator under torch.compile, with its backend argument."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_()
+
+    qkv = [rand(1, 2, 7, 6, 8) for _ in range(3)]
+    aggregated = make_aggregated_inputs(batch=1, heads=2, height=5, width=4, dim=4, pool=3)
+    return {
+        "neighborhood_attention": (*qkv, 3, 2, rand(2, 5, 5), 0.35, "reference"),
+        "bilevel_routing_attention": (*[rand(1, 2, 8, 6, 8) for _ in range(3)], 2, 3, 0.3, [7, 5], "reference"),
+        "aggregated_attention": (*[t.requires_grad_() for t in aggregated.values()], 3, "reference"),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_custom_op_cases()))
+def test_custom_ops_pass_opcheck(name):
+    """The schema, fake kernel, registered autograd and AOT dispatch of the op's custom operator, by PyTorch's own
+    checker (the backward recomputes the forward, so gradients equal the reference's own)."""
+    op = get_op(name)
+    assert op.custom_op is getattr(torch.ops.visionzoo, name).default
+    torch.library.opcheck(op.custom_op, _custom_op_cases()[name])
+
+
+@pytest.mark.parametrize("name", sorted(_custom_op_cases()))
+def test_custom_op_gradients_are_the_reference_gradients(name):
+    args = _custom_op_cases()[name]
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    op = get_op(name)
+    want = torch.autograd.grad(op.run("reference", *args[:-1]).square().sum(), tensors)
+    got = torch.autograd.grad(op.custom_op(*args).square().sum(), tensors)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_compiled_model_runs_each_op_as_one_custom_op_of_the_chosen_backend():
+    """The backend is chosen while dynamo traces and recorded in the graph; the op is one node, not its kernels."""
+    from visionzoo import create_mixer
+
+    mixer = create_mixer("neighborhood", 16, num_heads=2, kernel_size=3).eval()
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    x = torch.randn(1, 6, 5, 16)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        out = torch.compile(mixer, backend=capture, fullgraph=True)(x)
+        torch.testing.assert_close(out, mixer(x), rtol=0, atol=0)
+    (graph,) = graphs
+    calls = [n for n in graph.graph.nodes if n.target is torch.ops.visionzoo.neighborhood_attention.default]
+    assert len(calls) == 1 and calls[0].args[-1] == "reference"
+    assert not any("gather" in str(n.target) or "index_select" in str(n.target) for n in graph.graph.nodes)

@@ -35,7 +35,14 @@ def _bench_models(args: argparse.Namespace) -> int:
     size = tuple(args.img_size) if args.img_size else None
     batch = args.batch or 32
     autocast = None if args.dtype == "float32" else getattr(torch, args.dtype)  # models: mixed precision
-    rows = [bench_model(n, args.device, size, batch, not args.forward_only, args.min_run_time, autocast) for n in names]
+    modes = [None] + ([args.compile] if args.compile else [])  # each model eager, then compiled
+
+    def bench(name: str, mode: str | None):
+        return bench_model(
+            name, args.device, size, batch, not args.forward_only, args.min_run_time, autocast, mode, args.channels_last
+        )
+
+    rows = [bench(name, mode) for name in names for mode in modes]
     print(format_model_timings(rows, baseline=args.compare[0] if args.compare else None))
     if args.csv:
         with open(args.csv, "w", newline="") as stream:
@@ -181,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--csv", help="also write the rows to this CSV file")
     bench.add_argument("--chart", help="models: also draw throughput against GMACs (or --chart-x) into this PNG")
     bench.add_argument("--chart-x", default="gmacs", choices=("gmacs", "top1"), help="chart's x axis")
+    bench.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=("default", "reduce-overhead", "max-autotune"),
+        help="models: also time each under torch.compile (this mode), ratios against its eager run",
+    )
+    bench.add_argument("--channels-last", action="store_true", help="models: channels-last model and inputs")
     bench.set_defaults(run=_bench)
 
     stats = commands.add_parser("stats", help="parameters and GMACs of models, as a markdown table")

@@ -32,6 +32,8 @@ class ModelTiming:
 
     model: str
     device: str
+    mode: str  # "eager", or how it was compiled: "compiled", "compiled max-autotune"
+    channels_last: bool
     input_size: tuple[int, int]
     batch: int
     params: int
@@ -64,20 +66,29 @@ def bench_model(
     train: bool = True,
     min_run_time: float = 1.0,
     autocast: torch.dtype | None = None,
+    compile_mode: str | None = None,
+    channels_last: bool = False,
 ) -> ModelTiming:
     """Latency at batch 1, inference and training throughput at ``batch``, peak memory, params and GMACs.
 
     Any timm model works (ours run their default kernel backends; GMACs use the reference ones).
     ``autocast`` (``torch.float16``/``bfloat16``) runs the timed calls under mixed precision.
+    ``compile_mode`` (``"default"``, ``"reduce-overhead"``, ``"max-autotune"``) times the model under
+    ``torch.compile(fullgraph=True)`` with that mode (the warm-up call compiles, outside the timing);
+    ``channels_last`` converts the model and inputs to channels-last memory format.
     """
     dev = torch.device(device)
     model = timm.create_model(name).to(dev).eval()
     size = tuple(input_size or model.pretrained_cfg["input_size"][1:])
     gmacs = count_gmacs(model, size)
-    one, many = (torch.randn(n, 3, *size, device=dev) for n in (1, batch))
+    params = count_params(model)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    one, many = (torch.randn(n, 3, *size, device=dev).to(memory_format=memory_format) for n in (1, batch))
+    model = model.to(memory_format=memory_format)
+    run = model if compile_mode is None else torch.compile(model, mode=compile_mode, fullgraph=True, dynamic=False)
 
     def timed(x: torch.Tensor, backward: bool) -> tuple[float, float, float | None]:
-        return time_call(module_runner(model, x, backward, autocast), dev, min_run_time)
+        return time_call(module_runner(run, x, backward, autocast), dev, min_run_time)
 
     latency, latency_iqr, _ = timed(one, backward=False)
     infer_ms, _, infer_peak = timed(many, backward=False)
@@ -86,38 +97,55 @@ def bench_model(
         train_ms, _, train_peak = timed(many, backward=True)
         train_img_s = batch / train_ms * 1e3
     device_name = str(dev) if autocast is None else f"{dev}, {str(autocast).removeprefix('torch.')} autocast"
+    mode = "eager" if compile_mode is None else "compiled" + ("" if compile_mode == "default" else f" {compile_mode}")
     return ModelTiming(
-        name, device_name, size, batch, count_params(model), gmacs,
+        name, device_name, mode, channels_last, size, batch, params, gmacs,
         latency, latency_iqr, batch / infer_ms * 1e3, train_img_s, infer_peak, train_peak,
     )  # fmt: skip
 
 
+def _baseline_row(row: ModelTiming, rows: list[ModelTiming], baseline: str | None) -> ModelTiming | None:
+    """``baseline``'s row in ``row``'s mode; without a baseline, a compiled row's own model run eagerly."""
+    if baseline is not None:
+        return next(
+            (r for r in rows if (r.model, r.mode, r.channels_last) == (baseline, row.mode, row.channels_last)), None
+        )
+    if row.mode == "eager":
+        return None
+    return next(
+        (r for r in rows if (r.model, r.mode, r.channels_last) == (row.model, "eager", row.channels_last)), None
+    )
+
+
+def _cell(row: ModelTiming, base: ModelTiming | None, field: str, fmt: str, faster_when_lower: bool = False) -> str:
+    """``row``'s figure, with its ratio to ``base``'s when there is one."""
+    value, reference = getattr(row, field), None if base is None else getattr(base, field)
+    if value is None:
+        return "-"
+    text = format(value, fmt)
+    if reference in (None, 0) or value == 0:
+        return text
+    ratio = reference / value if faster_when_lower else value / reference
+    return f"{text} ({ratio:.2f}x)"
+
+
 def format_model_timings(rows: list[ModelTiming], baseline: str | None = None) -> str:
-    """Markdown table; with ``baseline`` (a model in ``rows``) each figure carries its ratio to it: speed
-    ratios above 1 are faster than the baseline, memory ratios are this model's memory over the baseline's."""
-    base = next((r for r in rows if r.model == baseline), None)
-
-    def cell(value: float | None, reference: float | None, fmt: str, faster_when_lower: bool = False) -> str:
-        if value is None:
-            return "-"
-        text = format(value, fmt)
-        if base is None or reference in (None, 0) or value == 0:
-            return text
-        ratio = reference / value if faster_when_lower else value / reference
-        return f"{text} ({ratio:.2f}x)"
-
+    """Markdown table; each figure carries its ratio to the row's baseline: ``baseline``'s row in the same
+    mode (a model in ``rows``), or else, for a compiled row, the same model run eagerly. Speed ratios above 1
+    are faster than the baseline, memory ratios are this model's memory over the baseline's."""
     lines = [
-        "| model | device | input | batch | params | GMACs | latency bs1 ms | infer img/s | train img/s "
+        "| model | device | mode | input | batch | params | GMACs | latency bs1 ms | infer img/s | train img/s "
         "| infer peak MiB | train peak MiB |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        b = base or r
+        b = _baseline_row(r, rows, baseline)
         lines.append(
-            f"| {r.model} | {r.device} | {r.input_size[0]}x{r.input_size[1]} | {r.batch} | {r.params / 1e6:.2f}M "
-            f"| {r.gmacs:.2f} | {cell(r.latency_ms, b.latency_ms, '.1f', faster_when_lower=True)} "
-            f"| {cell(r.infer_img_s, b.infer_img_s, '.1f')} | {cell(r.train_img_s, b.train_img_s, '.1f')} "
-            f"| {cell(r.infer_peak_mib, b.infer_peak_mib, '.0f')} | {cell(r.train_peak_mib, b.train_peak_mib, '.0f')} |"
+            f"| {r.model} | {r.device} | {r.mode}{', channels-last' if r.channels_last else ''} "
+            f"| {r.input_size[0]}x{r.input_size[1]} | {r.batch} | {r.params / 1e6:.2f}M | {r.gmacs:.2f} "
+            f"| {_cell(r, b, 'latency_ms', '.1f', faster_when_lower=True)} | {_cell(r, b, 'infer_img_s', '.1f')} "
+            f"| {_cell(r, b, 'train_img_s', '.1f')} | {_cell(r, b, 'infer_peak_mib', '.0f')} "
+            f"| {_cell(r, b, 'train_peak_mib', '.0f')} |"
         )
     return "\n".join(lines)
 
@@ -135,7 +163,10 @@ def plot_model_timings(rows: list[ModelTiming], path: str, against: str = "gmacs
         raise ValueError(f"chart against 'gmacs' or 'top1', not {against!r}")
     first = rows[0]
     points = {
-        r.model: (r.gmacs if against == "gmacs" else paper_figures(r.model).get("paper_top1"), r.infer_img_s)
+        r.model if r.mode == "eager" else f"{r.model} ({r.mode})": (
+            r.gmacs if against == "gmacs" else paper_figures(r.model).get("paper_top1"),
+            r.infer_img_s,
+        )
         for r in rows
     }
     left_out = [model for model, (x, _) in points.items() if x is None]
