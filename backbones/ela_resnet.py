@@ -20,7 +20,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from visionzoo.mixers import ElaGate
 
-from .helpers import check_images, generate_backbone_cfgs, register_models, unwrap_state_dict
+from .helpers import check_images, generate_backbone_cfgs, model_name, register_models, unwrap_state_dict
 
 __all__ = ["ElaResNet", "checkpoint_filter_fn"]
 
@@ -41,13 +41,18 @@ class ElaResNet(ResNet):
     def no_weight_decay(self) -> set[str]:
         return set()  # norms and biases are 1-D: timm's optimizer factory already spares them
 
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        return check_images(x, self.in_chans, self.min_input_size, model_name(self))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_images(self, x)
-        return super().forward_features(x)
+        return super().forward_features(self._check_input(x))
 
     def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
-        check_images(self, x)
-        return super().forward_intermediates(x, *args, **kwargs)
+        return super().forward_intermediates(self._check_input(x), *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # ResNet's forward, defined in this module: FX wraps the check_images that the traced forward's module sees
+        return self.forward_head(self.forward_features(x))
 
 
 # timm's ResNet blocks and layers of each depth

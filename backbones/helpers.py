@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import register_notrace_function
 from timm.models import PretrainedCfg, generate_default_cfgs, register_model
 from torch import nn
 
@@ -20,25 +21,32 @@ __all__ = [
     "check_images",
     "convert_official_state_dict",
     "generate_backbone_cfgs",
+    "model_name",
     "register_models",
     "rename_key",
     "unwrap_state_dict",
 ]
 
 
-def check_images(model: nn.Module, x: torch.Tensor) -> None:
-    """Raise a ValueError naming the model unless ``x`` is floating-point ``(B, model.in_chans, H, W)`` of at
-    least ``model.min_input_size``."""
-    name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
-    if x.ndim != 4 or x.shape[1] != model.in_chans:
-        raise ValueError(f"{name} expects images (B, {model.in_chans}, H, W), got {tuple(x.shape)}")
+@register_notrace_function  # one FX node: its checks branch on the input's shape
+def check_images(x: torch.Tensor, in_chans: int, min_size: tuple[int, int], name: str) -> torch.Tensor:
+    """``x``, after raising a ValueError naming the model ``name`` unless it is floating-point
+    ``(B, in_chans, H, W)`` of at least ``min_size``."""
+    if x.ndim != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"{name} expects images (B, {in_chans}, H, W), got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(
             f"{name} expects floating-point images normalised with its pretrained_cfg mean and std, got {x.dtype}"
         )
-    min_h, min_w = model.min_input_size
+    min_h, min_w = min_size
     if x.shape[2] < min_h or x.shape[3] < min_w:
         raise ValueError(f"{name} needs inputs of at least {min_h}x{min_w}, got {x.shape[2]}x{x.shape[3]}")
+    return x
+
+
+def model_name(model: nn.Module) -> str:
+    """The architecture name of a timm-built model (its class name otherwise), for error messages."""
+    return getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
 
 
 def unwrap_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

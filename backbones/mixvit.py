@@ -33,7 +33,7 @@ from torch import nn
 from visionzoo.blocks import MixStage
 from visionzoo.layers import BatchNormCl, ConvStem, PatchEmbedStem
 
-from .helpers import check_images, generate_backbone_cfgs, register_models, unwrap_state_dict
+from .helpers import check_images, generate_backbone_cfgs, model_name, register_models, unwrap_state_dict
 from .mixvit_config import DownsampleCfg, MixVitCfg, OuterNormCfg, StemCfg
 
 __all__ = ["DownsampleCfg", "MixVit", "MixVitCfg", "OuterNormCfg", "StemCfg", "build_mixvit", "mixvit_cfg"]
@@ -143,8 +143,8 @@ class MixVit(nn.Module):
                 min_h, min_w = max(min_h, r * (need_h - 1) + 1), max(min_w, r * (need_w - 1) + 1)
         return min_h, min_w
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        check_images(self, x)
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        return check_images(x, self.in_chans, self.min_input_size, model_name(self))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -206,7 +206,7 @@ class MixVit(nn.Module):
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be NCHW or NHWC, got {output_fmt!r}")
-        self._check_input(x)
+        x = self._check_input(x)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last = len(self.stages) - 1
         stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
@@ -235,7 +235,7 @@ class MixVit(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, C, H, W)`` to normed channels-last features ``(B, H/32, W/32, C)``."""
-        self._check_input(x)
+        x = self._check_input(x)
         return self.norm(self.stages(self.stem(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -8,7 +8,8 @@ A :class:`~visionzoo.backbones.mixvit.MixVit` with a 7x7 stride-4 patch-embeddin
 8, 4, 2) in stages 1-3 and ``cosine_global`` (full attention) in stage 4, ConvGLU channel
 mixers, a norm at the end of every stage and no LayerScale. The official model fixes its
 pool sizes and position tables from ``img_size``; ours derives them from the input, so one
-model runs at any size and matches the official numerics at the construction size.
+model runs at any size and matches the official numerics at the construction size (and one
+``torch.export`` or ONNX graph, with symbolic sizes, serves every size).
 ``pretrain_size`` (224) only scales the continuous position bias coordinates, as in the
 official ``--pretrain-size``.
 """

@@ -30,6 +30,7 @@ from torch import nn
 from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
 
 from visionzoo.backbones.helpers import unwrap_state_dict
+from visionzoo.kernels import adaptive_avg_pool
 
 from .features import STAGE_STRIDES, FeatureBackbone
 
@@ -84,28 +85,16 @@ class DecodeHead(nn.Module):
         return self.classifier(self.dropout(self.decode([features[i] for i in self.in_index])))
 
 
-def _pooling_matrix(size: torch.Tensor, bins: int, like: torch.Tensor) -> torch.Tensor:
-    """``(bins, size)`` weights of adaptive average pooling: bin ``i`` averages ``[floor(i*size/bins),
-    ceil((i+1)*size/bins))``, as ``F.adaptive_avg_pool2d`` does."""
-    index = torch.arange(bins, device=like.device)[:, None]
-    start = torch.div(index * size, bins, rounding_mode="floor")
-    end = torch.div((index + 1) * size + bins - 1, bins, rounding_mode="floor")
-    position = torch.arange(size, device=like.device)[None]
-    inside = ((position >= start) & (position < end)).to(like.dtype)
-    return inside / inside.sum(dim=1, keepdim=True)
+class AdaptivePool(nn.Module):
+    """Adaptive average pooling to ``bins x bins`` that traces with symbolic sizes (``kernels.adaptive_avg_pool``:
+    the ONNX exporter would fix ``F.adaptive_avg_pool2d``'s kernel at the export size)."""
 
-
-class AdaptiveAvgPool(nn.AdaptiveAvgPool2d):
-    """``nn.AdaptiveAvgPool2d`` that also exports to ONNX with a dynamic input size (the exporter refuses the
-    operator then): under export, the same average as two pooling matrices."""
+    def __init__(self, bins: int):
+        super().__init__()
+        self.bins = bins
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.onnx.is_in_onnx_export():
-            return super().forward(x)
-        bins_h, bins_w = (self.output_size, self.output_size) if isinstance(self.output_size, int) else self.output_size
-        rows = _pooling_matrix(torch.tensor(x.shape[-2]), bins_h, x)
-        cols = _pooling_matrix(torch.tensor(x.shape[-1]), bins_w, x)
-        return rows @ x @ cols.transpose(0, 1)
+        return adaptive_avg_pool(x, (self.bins, self.bins))
 
 
 class PyramidPooling(nn.Module):
@@ -114,7 +103,7 @@ class PyramidPooling(nn.Module):
     def __init__(self, in_channels: int, channels: int, pool_scales: Sequence[int], norm_layer: NormLayer):
         super().__init__()
         self.levels = nn.ModuleList(
-            nn.Sequential(AdaptiveAvgPool(scale), conv_norm_act(in_channels, channels, 1, norm_layer))
+            nn.Sequential(AdaptivePool(scale), conv_norm_act(in_channels, channels, 1, norm_layer))
             for scale in pool_scales
         )
         self.bottleneck = conv_norm_act(in_channels + len(pool_scales) * channels, channels, 3, norm_layer)

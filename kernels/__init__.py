@@ -29,12 +29,20 @@ from .routing import (
     bilevel_routing_attention_weights,
     route_regions,
 )
-from .windows import crop_map, pad_to_multiple, partition_windows, relative_position_index, unpartition_windows
+from .windows import (
+    adaptive_avg_pool,
+    crop_map,
+    pad_to_multiple,
+    partition_windows,
+    relative_position_index,
+    unpartition_windows,
+)
 
 __all__ = [
     "ENV_VAR",
     "Capability",
     "KernelOp",
+    "adaptive_avg_pool",
     "aggregated_attention",
     "aggregated_attention_reference",
     "aggregated_attention_unfold",

@@ -8,7 +8,9 @@ Each query ``i`` attends, under a single softmax, to
 - its ``window x window`` neighbours (zero-padded at the border, padded keys masked out)
   with a learnable relative position bias ``rpb``, and
 - ``P`` pooled tokens with an arbitrary bias ``pool_bias`` (TransNeXt's continuous position
-  bias, see :func:`pooled_position_coords`).
+  bias, see :func:`pooled_position_coords`). A pooled token whose bias is ``-inf`` for every query
+  is masked out: the ``reference`` and ``flex`` backends leave it out of ``P`` in the length scale
+  too (an exported graph pads the pooled grid so; ``triton`` counts every token).
 
 Logits are length-scaled cosine similarities: ``q_hat = (normalize(q) + query_embedding) *
 logit_scale * log(n_i + P)`` against normalised keys, where ``n_i`` is the number of
@@ -20,7 +22,8 @@ Tensors are ``(B, heads, H, W, head_dim)``; pooled keys/values ``(B, heads, P, h
 Backends:
 
 - ``reference``: windows stacked from ``window**2`` shifted views of the padded keys and
-  values, so memory is O(H*W*(window**2 + P)) per head: no (HW x HW) matrix.
+  values (gathered by an index table when sizes are symbolic), so memory is
+  O(H*W*(window**2 + P)) per head: no (HW x HW) matrix.
 - ``flex``: ``flex_attention`` over the concatenated window and pooled keys with a block
   mask of the windows and both biases as a score modification; the learnable-token term
   is added outside. Only when forced (not yet measured on a GPU). On CPU it runs forward
@@ -40,29 +43,42 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .dispatch import AUTO, SINGLE_AND_HALF, Capability, KernelOp, Support, can_run_triton_on, triton_support
+from .dispatch import (
+    AUTO,
+    SINGLE_AND_HALF,
+    Capability,
+    KernelOp,
+    Support,
+    can_run_triton_on,
+    is_exporting,
+    triton_support,
+)
 from .geometry import cached_geometry as _cached_geometry
 from .geometry import check_window_size as _check_window
 from .geometry import length_scale
 from .geometry import scaled_queries as _scaled_queries
 from .geometry import window_mask as _window_geometry
+from .windows import all_int, pool_cells
 
 __all__ = [
     "aggregated_attention",
     "aggregated_attention_reference",
     "aggregated_attention_unfold",
+    "empty_pool_cells",
     "length_scale",
     "pooled_position_coords",
 ]
 
 
-@_cached_geometry
-def _axis_coords(length: int, pooled: int, pretrain: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unique scaled offsets along one axis between queries and pooled-cell centres, and their index.
+def empty_pool_cells(height, width) -> int:
+    """Empty cells to append to each pooled axis (:func:`adaptive_avg_pool`): one when exporting with symbolic
+    sizes, where a pooled side of 1 would make ``torch.export`` specialise the graph (it assumes no size is 1)."""
+    return int(is_exporting() and not all_int(height, width))
 
-    The offsets are half-integers, found in Python so that tracing and ONNX export see constants;
-    the scaling runs in float32 as in the official code (``adaptive_avg_pool1d`` of the positions).
-    """
+
+@_cached_geometry
+def _unique_axis_coords(length: int, pooled: int, pretrain: int, device: torch.device):
+    """:func:`_axis_coords` for int sizes: exactly the offsets that occur, found in Python."""
     # adaptive pooling's cell j spans [floor(j L / p), ceil((j + 1) L / p)): its mean position
     centres = [((j * length) // pooled + -(-(j + 1) * length // pooled) - 1) / 2 for j in range(pooled)]
     offsets = [[i - c for c in centres] for i in range(length)]
@@ -72,8 +88,26 @@ def _axis_coords(length: int, pooled: int, pretrain: int, device: torch.device) 
     return torch.tensor(unique, dtype=torch.float32, device=device) / (pretrain - 1) * 8, index
 
 
+def _axis_coords(length, pooled, pretrain, empty: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled offsets along one axis between queries and pooled-cell centres ``(U,)``, and the index
+    ``(length, pooled + empty)`` of each pair's offset in them (any index for an empty cell).
+
+    Offsets are half-integers; the scaling runs in float32 as in the official code
+    (``adaptive_avg_pool1d`` of the positions). Int sizes list only the offsets that occur; symbolic
+    ones every half-integer in ``[1 - L, L - 1]`` (about twice as many, the same values), so that the
+    table's length is a plain function of the size.
+    """
+    if all_int(length, pooled, pretrain) and not empty:
+        return _unique_axis_coords(length, pooled, pretrain, device)
+    start, end = pool_cells(length, pooled, device, empty)
+    # twice the offset of query i from cell j's centre (start + end - 1) / 2: an integer in [2 - 2L, 2L - 2]
+    doubled = 2 * torch.arange(length, device=device)[:, None] - (start + end - 1)
+    offsets = torch.arange(4 * length - 3, device=device).float() / 2 + (1 - length)
+    return offsets / (pretrain - 1) * 8, (doubled + (2 * length - 2)).clamp(min=0)  # empty cells lie below
+
+
 def pooled_position_coords(
-    size: tuple[int, int], pool_size: tuple[int, int], pretrain_size: tuple[int, int], device=None
+    size: tuple[int, int], pool_size: tuple[int, int], pretrain_size: tuple[int, int], device=None, empty: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-spaced relative coordinates of every (query, pooled key) pair, for the CPB MLP.
 
@@ -81,22 +115,23 @@ def pooled_position_coords(
     pools) are divided by ``pretrain_size - 1``, times 8, and mapped to
     ``sign(d) * log2(1 + |d|) / log2(8)``, as the official ``get_relative_position_cpb``.
     Rows and columns are separable, so the table is the product of the unique offsets per axis.
+    Sizes may be symbolic: the table and indices are then built in the traced graph. ``empty`` cells
+    per axis follow the pooled ones (:func:`adaptive_avg_pool`), with arbitrary indices.
 
     Returns:
-        ``table`` ``(U_h, U_w, 2)`` float32 and the indices ``row_index`` ``(H, 1, ph, 1)`` and
-        ``col_index`` ``(1, W, 1, pw)``: the bias of pair ``((y, x), (i, j))`` is
+        ``table`` ``(U_h, U_w, 2)`` float32 and the indices ``row_index`` ``(H, 1, ph + empty, 1)`` and
+        ``col_index`` ``(1, W, 1, pw + empty)``: the bias of pair ``((y, x), (i, j))`` is
         ``mlp(table)[row_index[y, 0, i, 0], col_index[0, x, 0, j]]``.
     """
-    if min(pretrain_size) < 2:
+    if all_int(*pretrain_size) and min(pretrain_size) < 2:
         raise ValueError(f"pretrain_size must be at least 2x2, got {pretrain_size}")
-    return _pooled_coords(tuple(size), tuple(pool_size), tuple(pretrain_size), torch.device(device or "cpu"))
+    return _pooled_coords(*size, *pool_size, *pretrain_size, empty, torch.device(device or "cpu"))
 
 
 @_cached_geometry
-def _pooled_coords(size, pool_size, pretrain_size, device):
-    (height, width), (pool_h, pool_w), (pre_h, pre_w) = size, pool_size, pretrain_size
-    rows, row_index = _axis_coords(height, pool_h, pre_h, device)
-    cols, col_index = _axis_coords(width, pool_w, pre_w, device)
+def _pooled_coords(height, width, pool_h, pool_w, pre_h, pre_w, empty, device):
+    rows, row_index = _axis_coords(height, pool_h, pre_h, empty, device)
+    cols, col_index = _axis_coords(width, pool_w, pre_w, empty, device)
     table = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)
     table = torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
     return table, row_index[:, None, :, None], col_index[None, :, None, :]
@@ -111,13 +146,31 @@ def _windows(x: torch.Tensor, window_size: int) -> torch.Tensor:
     height, width = x.shape[2], x.shape[3]
     radius = window_size // 2
     padded = F.pad(x, (0, 0, radius, radius, radius, radius))
+    if not all_int(height, width):
+        return _gathered_windows(padded, height, width, window_size)
     shifted = [padded[:, :, a : a + height, b : b + width] for a in range(window_size) for b in range(window_size)]
     return torch.stack(shifted, dim=-2)
+
+
+def _gathered_windows(padded: torch.Tensor, height, width, window_size: int) -> torch.Tensor:
+    """:func:`_windows` for symbolic sizes: one gather by an index table of the padded map, where the
+    shifted views would be ``window**2`` slices per map (which ONNX's optimiser pairs up, in quadratic time)."""
+    steps = torch.arange(window_size, device=padded.device)
+    rows = torch.arange(height, device=padded.device)[:, None] + steps  # (H, window) rows of the padded map
+    cols = torch.arange(width, device=padded.device)[:, None] + steps
+    index = rows[:, None, :, None] * (width + window_size - 1) + cols[None, :, None, :]  # (H, W, window, window)
+    return padded.flatten(2, 3)[:, :, index.flatten(2)]
 
 
 def _window_sum(weights: torch.Tensor, values: torch.Tensor, window_size: int) -> torch.Tensor:
     """``sum_o weights[..., o] * values at window offset o``: ``(B, h, H, W, D)``."""
     return torch.einsum("bhijo,bhijod->bhijd", weights, _windows(values, window_size))
+
+
+def _unmasked_pool_len(pool_bias: torch.Tensor) -> torch.Tensor:
+    """``P`` of the length scale: the pooled keys not masked out (bias ``-inf``, e.g. the empty cells of
+    :func:`adaptive_avg_pool`), counted on the first head's first query."""
+    return (pool_bias[0, 0] != float("-inf")).sum()
 
 
 def _learnable_affinity(q_norm, learnable_tokens, learnable_bias):
@@ -133,7 +186,7 @@ def aggregated_attention_reference(
     _check_window(window_size)
     batch, heads, height, width, _ = q.shape
     pool_len = k_pool.shape[2]
-    q_norm, q_hat = _scaled_queries(q, query_embedding, logit_scale, window_size, pool_len)
+    q_norm, q_hat = _scaled_queries(q, query_embedding, logit_scale, window_size, _unmasked_pool_len(pool_bias))
     keys = F.normalize(k, dim=-1)
     local = torch.einsum("bhijd,bhijod->bhijo", q_hat, _windows(keys, window_size))
     valid, _ = _window_geometry(height, width, window_size, q.device)
@@ -227,7 +280,7 @@ def aggregated_attention_flex(
     _check_window(window_size)
     batch, heads, height, width, dim = q.shape
     tokens, pool_len, radius = height * width, k_pool.shape[2], window_size // 2
-    q_norm, q_hat = _scaled_queries(q, query_embedding, logit_scale, window_size, pool_len)
+    q_norm, q_hat = _scaled_queries(q, query_embedding, logit_scale, window_size, _unmasked_pool_len(pool_bias))
     keys = torch.cat([F.normalize(k, dim=-1).flatten(2, 3), F.normalize(k_pool, dim=-1)], dim=2)
     values = torch.cat([v.flatten(2, 3), v_pool], dim=2)
     rpb, pool_bias = rpb.to(q.dtype), pool_bias.to(q.dtype)

@@ -16,8 +16,10 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .precision import float32_logits
+from .windows import is_static, sym_max
 
 __all__ = [
     "cached_geometry",
@@ -40,7 +42,8 @@ def cached_geometry(fn):
     """``lru_cache`` for index tables, built outside inference mode so that training may reuse them.
 
     Symbolic sizes (``torch.export``, ONNX, dynamic ``torch.compile``) are not hashable: with any, the
-    tables are built in the traced graph, from ``torch.arange`` of the sizes.
+    tables are built in the traced graph, from ``torch.arange`` of the sizes. Under dynamo (which traces
+    through a cache anyway) they are built in the graph too, as constants of its sizes.
     """
 
     @functools.lru_cache(maxsize=64)
@@ -50,7 +53,7 @@ def cached_geometry(fn):
 
     @functools.wraps(fn)
     def call(*args):
-        if any(isinstance(a, torch.SymInt) for a in args):
+        if torch.compiler.is_compiling() or any(isinstance(a, torch.SymInt) for a in args):
             return fn(*args)
         return cached(*args)
 
@@ -60,9 +63,10 @@ def cached_geometry(fn):
 # neighborhood attention
 
 
-@functools.lru_cache(maxsize=256)
+@cached_geometry
 def windows_1d(length: int, kernel_size: int, dilation: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """:func:`neighborhood_windows` without the argument checks, cached per device."""
+    """:func:`neighborhood_windows` without the argument checks, cached per device (built in the graph
+    for a symbolic ``length``)."""
     index = torch.arange(length, device=device)
     group, position = index % dilation, index // dilation
     group_length = (length - group + dilation - 1) // dilation
@@ -86,17 +90,27 @@ def neighborhood_windows(
     return windows_1d(length, kernel_size, dilation, torch.device(device))
 
 
+def _require(condition, message) -> None:
+    """Raise ``ValueError(message())`` unless ``condition`` holds. A condition on symbolic sizes raises only
+    where it fails at every size: a guard would pin the traced sizes, and the mixers pad maps so that it holds."""
+    symbolic = isinstance(condition, torch.SymBool)
+    if statically_known_true(torch.sym_not(condition)) if symbolic else not condition:
+        raise ValueError(message())
+
+
 def check_neighborhood(length: int, kernel_size: int, dilation: int) -> None:
     """Raise unless an axis of ``length`` holds a ``kernel_size`` window ``dilation`` apart."""
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
     if dilation < 1:
         raise ValueError(f"dilation must be positive, got {dilation}")
-    if length < kernel_size * dilation:
-        raise ValueError(
+    _require(
+        length >= kernel_size * dilation,
+        lambda: (
             f"neighborhood attention needs maps of at least kernel_size * dilation = {kernel_size * dilation} "
             f"along each axis, got {length} (pad the input, as NAT does)"
-        )
+        ),
+    )
 
 
 # aggregated attention
@@ -119,8 +133,11 @@ def window_mask(height: int, width: int, window_size: int, device: torch.device)
     return valid, valid.sum(-1)
 
 
-def length_scale(height: int, width: int, window_size: int, pool_len: int, device: torch.device | str = "cpu"):
-    """``log(n_i + P)`` per query ``(H, W)``, rounded to float32 as the official buffer is."""
+def length_scale(
+    height: int, width: int, window_size: int, pool_len: int | torch.Tensor, device: torch.device | str = "cpu"
+):
+    """``log(n_i + P)`` per query ``(H, W)``, rounded to float32 as the official buffer is; sizes may be
+    symbolic, ``pool_len`` a 0-dim integer tensor."""
     _, count = window_mask(height, width, window_size, torch.device(device))
     return torch.log(count.double() + pool_len).float()
 
@@ -140,29 +157,70 @@ def scaled_queries(q, query_embedding, logit_scale, window_size, pool_len):
 def check_grid(height: int, width: int, n_win: int) -> None:
     if n_win < 1:
         raise ValueError(f"n_win must be positive, got {n_win}")
-    if height % n_win or width % n_win:
-        raise ValueError(
+    _require(
+        (height % n_win == 0) & (width % n_win == 0),
+        lambda: (
             f"bilevel routing attention needs maps that are multiples of n_win {n_win}, got {height}x{width}; "
             "pad them (the routing mixer does)"
-        )
+        ),
+    )
+
+
+def _symbolic(*sizes) -> bool:
+    return any(isinstance(size, torch.SymInt) for size in sizes)
+
+
+def _region_layout(height, width, n_win: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The region layout of a map of symbolic size, as index tables built in the traced graph.
+
+    torch.export pins every size that a traced tensor dim may take as 1, so a region holds
+    ``T = max(rh * rw, 2)`` tokens: the ``rh x rw`` tokens of its block, row-major, then filler
+    tokens (copies of its first, never real).
+
+    Returns:
+        ``rows`` and ``cols`` ``(n_win**2, T)`` of every region token on the map, ``real`` ``(T,)``
+        (not filler), and ``region`` and ``token`` ``(H, W)`` of every map token in the layout.
+    """
+    rh, rw = height // n_win, width // n_win
+    token = torch.arange(sym_max(rh * rw, 2), device=device)
+    real = token < rh * rw
+    token_row, token_col = _divmod(token.where(real, 0), rw)
+    region_row, region_col = _divmod(torch.arange(n_win * n_win, device=device)[:, None], n_win)
+    block_row, row_in_block = _divmod(torch.arange(height, device=device)[:, None], rh)
+    block_col, col_in_block = _divmod(torch.arange(width, device=device), rw)
+    rows, cols = region_row * rh + token_row, region_col * rw + token_col
+    return rows, cols, real, block_row * n_win + block_col, row_in_block * rw + col_in_block
+
+
+def _divmod(index: torch.Tensor, divisor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``index // divisor`` and ``index % divisor`` (the ONNX exporter takes no remainder by a symbolic size)."""
+    quotient = index // divisor
+    return quotient, index - quotient * divisor
 
 
 def regions(x: torch.Tensor, n_win: int) -> torch.Tensor:
-    """``(B, h, H, W, d)`` to ``(B, h, n_win**2, region_tokens, d)``, regions and tokens row-major."""
+    """``(B, h, H, W, d)`` to ``(B, h, n_win**2, region_tokens, d)``, regions and tokens row-major (with
+    symbolic sizes the :func:`_region_layout`, filler tokens included)."""
     batch, heads, height, width, dim = x.shape
+    if _symbolic(height, width):
+        rows, cols = _region_layout(height, width, n_win, x.device)[:2]
+        return x[:, :, rows, cols]
     rh, rw = height // n_win, width // n_win
     x = x.reshape(batch, heads, n_win, rh, n_win, rw, dim).transpose(3, 4)
     return x.reshape(batch, heads, n_win * n_win, rh * rw, dim)
 
 
 def unregions(x: torch.Tensor, n_win: int, height: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`regions` back to ``(B, h, H, W, d)``."""
+    """Inverse of :func:`regions` back to ``(B, h, H, W, d)`` (filler tokens left out)."""
+    if _symbolic(height, width):
+        map_region, map_token = _region_layout(height, width, n_win, x.device)[3:]
+        return x[:, :, map_region, map_token]
     batch, heads, _, _, dim = x.shape
     x = x.reshape(batch, heads, n_win, n_win, height // n_win, width // n_win, dim).transpose(3, 4)
     return x.reshape(batch, heads, height, width, dim)
 
 
-@functools.lru_cache(maxsize=64)
+@cached_geometry
 def _valid_tokens(height: int, width: int, valid_h: int, valid_w: int, n_win: int, device: torch.device):
     """Real (not padded) tokens in region layout: ``(n_win**2, region_tokens)`` bool."""
     rows = torch.arange(height, device=device)[:, None] < valid_h
@@ -171,11 +229,18 @@ def _valid_tokens(height: int, width: int, valid_h: int, valid_w: int, n_win: in
 
 
 def valid_or_none(q: torch.Tensor, n_win: int, valid_size: tuple[int, int] | None) -> torch.Tensor | None:
-    """The real tokens of ``valid_size`` in region layout, or None when every token is real."""
+    """The real tokens of ``valid_size`` in region layout, or None when every token is real.
+
+    With symbolic sizes the mask is always built (in the graph), so one graph serves padded and unpadded maps,
+    and it leaves out the filler tokens of :func:`_region_layout`.
+    """
     height, width = q.shape[2], q.shape[3]
-    if valid_size is None or tuple(valid_size) == (height, width):
+    valid_h, valid_w = (height, width) if valid_size is None else valid_size
+    if _symbolic(height, width):
+        rows, cols, real = _region_layout(height, width, n_win, q.device)[:3]
+        return real & (rows < valid_h) & (cols < valid_w)
+    if is_static(valid_h, height) and is_static(valid_w, width):
         return None
-    valid_h, valid_w = valid_size
     if not (0 < valid_h <= height and 0 < valid_w <= width):
         raise ValueError(f"valid_size {tuple(valid_size)} must lie within the {height}x{width} map")
     return _valid_tokens(height, width, valid_h, valid_w, n_win, q.device)

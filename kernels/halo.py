@@ -6,9 +6,10 @@ timm's ``HaloAttn`` (padded keys are zero vectors, not masked). Relative positio
 ``q . rel[offset]`` along height and width (tables ``(2 * window - 1, head_dim)`` shared by
 the heads) are added unscaled to the scaled content logits.
 
-Tensors are ``(B, heads, H, W, head_dim)`` with H and W multiples of the block size; values
-may have their own head dim. Memory is linear in tokens: the key/value windows repeat each
-token ``((b + 2h) / b)^2`` times.
+Tensors are ``(B, heads, H, W, head_dim)`` of any H and W: maps are zero-padded at the bottom
+and right to multiples of the block size (keys and values there are zero, as beyond the border)
+and the output is cropped back; values may have their own head dim. Memory is linear in tokens:
+the key/value windows repeat each token ``((b + 2h) / b)^2`` times.
 """
 
 from __future__ import annotations
@@ -18,35 +19,23 @@ import torch.nn.functional as F
 
 from .dispatch import AUTO, KernelOp
 from .precision import float32_logits
+from .windows import regroup, window_counts, window_gather_index, window_scatter_index
 
 __all__ = ["halo_attention", "halo_attention_reference"]
 
 
-def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """``(B, h, H, W, d)`` to ``(B, h, nH, nW, block * block, d)``."""
-    batch, heads, height, width, dim = x.shape
-    x = x.reshape(batch, heads, height // block, block, width // block, block, dim).transpose(3, 4)
-    return x.reshape(batch, heads, height // block, width // block, block * block, dim)
+def _windows(x: torch.Tensor, block: int, halo: int, counts: tuple) -> torch.Tensor:
+    """Each block's haloed window, blocks row-major: ``(B * h * rows * cols, window * window, d)``, zero beyond
+    the map (``halo=0``: the blocks themselves).
 
-
-def _window_index(blocks: int, block: int, window: int, device: torch.device) -> torch.Tensor:
-    """Rows (or columns) of the padded map that each block's window covers, flattened: ``(blocks * window,)``."""
-    starts = torch.arange(blocks, device=device) * block
-    return (starts[:, None] + torch.arange(window, device=device)).flatten()
-
-
-def _windows(x: torch.Tensor, block: int, halo: int) -> torch.Tensor:
-    """Each block's haloed window: ``(B, h, nH, nW, window * window, d)``, zero beyond the map.
-
-    Gathered with index_select (not ``Tensor.unfold``, which ONNX exports only for static sizes).
+    One flat gather (not ``Tensor.unfold``, which ONNX exports only for static sizes; see
+    :func:`~visionzoo.kernels.windows.window_gather_index` on symbolic sizes).
     """
-    batch, heads, height, width, dim = x.shape
-    window, rows, cols = block + 2 * halo, height // block, width // block
-    x = F.pad(x, (0, 0, halo, halo, halo, halo))
-    x = x.index_select(2, _window_index(rows, block, window, x.device))
-    x = x.index_select(3, _window_index(cols, block, window, x.device))
-    x = x.reshape(batch, heads, rows, window, cols, window, dim).transpose(3, 4)
-    return x.reshape(batch, heads, rows, cols, window * window, dim)
+    height, width = x.shape[2], x.shape[3]
+    window, padded_width = block + 2 * halo, counts[1] * block + 2 * halo
+    x = F.pad(x, (0, 0, halo, padded_width - halo - width, halo, counts[0] * block + halo - height))
+    index = window_gather_index(counts, window, padded_width, stride=block, device=x.device)
+    return regroup(x.flatten(2, 3).index_select(2, index), 3, (window * window,))
 
 
 def _relative_logits(q_blocks: torch.Tensor, table: torch.Tensor, block: int, window: int) -> torch.Tensor:
@@ -63,16 +52,13 @@ def _relative_logits(q_blocks: torch.Tensor, table: torch.Tensor, block: int, wi
 
 def halo_attention_reference(q, k, v, block_size, halo_size, rel_height=None, rel_width=None, scale=None):
     """Plain-PyTorch halo attention; see :func:`halo_attention`."""
-    batch, heads, height, width, _ = q.shape
-    if height % block_size or width % block_size:
-        raise ValueError(
-            f"halo attention needs maps that are multiples of block_size {block_size}, got {height}x{width}"
-        )
+    height, width = q.shape[2], q.shape[3]
     window = block_size + 2 * halo_size
+    counts = window_counts(height, width, block_size)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     with float32_logits(q, k) as (q32, k32):  # float16 q . k overflows at large activations
-        q_blocks = _blocks(q32, block_size)
-        logits = (q_blocks @ _windows(k32, block_size, halo_size).transpose(-1, -2)) * scale
+        q_blocks = _windows(q32, block_size, 0, counts)
+        logits = (q_blocks @ _windows(k32, block_size, halo_size, counts).transpose(-1, -2)) * scale
         if rel_height is not None:
             grid = q_blocks.unflatten(-2, (block_size, block_size))  # (..., row, col, d)
             along_h = _relative_logits(grid.transpose(-3, -2), rel_height, block_size, window).transpose(-3, -2)
@@ -80,9 +66,10 @@ def halo_attention_reference(q, k, v, block_size, halo_size, rel_height=None, re
             rel = along_h[..., :, None] + along_w[..., None, :]  # (..., row, col, key_row, key_col)
             logits = logits + rel.flatten(-4, -3).flatten(-2, -1)
         weights = logits.softmax(-1).to(v.dtype)
-    out = weights @ _windows(v, block_size, halo_size)  # (B, h, nH, nW, block * block, dv)
-    out = out.unflatten(-2, (block_size, block_size)).transpose(3, 4)
-    return out.reshape(batch, heads, height, width, -1)
+    out = weights @ _windows(v, block_size, halo_size, counts)  # (B * h * blocks, block * block, dv)
+    out = regroup(out, 2, (counts[0] * counts[1] * block_size**2,))
+    out = out[:, window_scatter_index((height, width), counts, block_size, device=q.device)]
+    return out.reshape(*q.shape[:4], v.shape[-1])
 
 
 _op = KernelOp("halo_attention", halo_attention_reference)
@@ -102,7 +89,7 @@ def halo_attention(
     """Blocked local attention: each ``b x b`` block of queries attends to its window grown by a halo.
 
     Args:
-        q: queries ``(B, heads, H, W, d)``, H and W multiples of ``block_size``.
+        q: queries ``(B, heads, H, W, d)``.
         k: keys, shaped like ``q``.
         v: values ``(B, heads, H, W, dv)``.
         block_size: query block size b.

@@ -106,9 +106,12 @@ def _routed_logits(q, k, index, valid, scale):
 
 
 def _chunks(q: torch.Tensor, index: torch.Tensor):
-    """Slices over query regions so that one chunk's logits stay below ``_CHUNK_ELEMENTS``."""
+    """Slices over query regions so that one chunk's logits stay below ``_CHUNK_ELEMENTS``; one chunk for
+    symbolic sizes (one graph serves every size; its logits take the memory of the official formulation's)."""
     batch, heads, regions, tokens, _ = q.shape
     per_region = batch * heads * tokens * tokens * index.shape[-1]
+    if isinstance(per_region, torch.SymInt):
+        return [slice(0, regions)]
     step = max(1, _CHUNK_ELEMENTS // per_region)
     return [slice(start, min(start + step, regions)) for start in range(0, regions, step)]
 

@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.export import Dim
 
 from visionzoo.kernels import (
+    adaptive_avg_pool,
     aggregated_attention,
     aggregated_attention_unfold,
     get_op,
@@ -122,6 +124,52 @@ def test_pooled_coords_match_pairwise_definition():
     expected = torch.sign(rel) * torch.log2(rel.abs() + 1) / 3
     got = table[rows, cols].reshape(54, 6, 2)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_masked_pooled_tokens_change_nothing():
+    """A pooled token with bias -inf for every query gets no weight and does not count in the length scale."""
+    inputs = make_aggregated_inputs(pool=4)
+    extra = make_aggregated_inputs(pool=1, seed=1)
+    padded = dict(inputs)
+    for name in ("k_pool", "v_pool"):
+        padded[name] = torch.cat([inputs[name], extra[name]], dim=2)
+    padded["pool_bias"] = F.pad(inputs["pool_bias"], (0, 1), value=float("-inf"))
+    for backend in ("reference", "flex"):
+        got = aggregated_attention(**padded, backend=backend)
+        torch.testing.assert_close(got, aggregated_attention(**inputs, backend=backend), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 2), (5, 7)])
+def test_pooling_matrices_equal_adaptive_pooling_and_empty_cells_pool_nothing(size):
+    x = torch.randn(2, 3, 11, 7, dtype=torch.float64)
+    pooled = adaptive_avg_pool(x, size, empty=1)
+    assert pooled.shape == (2, 3, size[0] + 1, size[1] + 1)
+    torch.testing.assert_close(pooled[..., :-1, :-1], F.adaptive_avg_pool2d(x, size), rtol=1e-12, atol=1e-12)
+    assert not pooled[..., -1, :].any() and not pooled[..., -1].any()
+
+
+@pytest.mark.parametrize("size, pool", [((9, 6), (3, 2)), ((5, 4), (1, 1)), ((7, 7), (7, 7))])
+def test_padded_pooled_coords_hold_the_same_pairs(size, pool):
+    """The tables built for symbolic sizes (every half-integer offset, an empty cell per axis) give every
+    (query, pooled cell) pair the same coordinates as the tables of int sizes."""
+    table, rows, cols = pooled_position_coords(size, pool, (14, 14))
+    padded, padded_rows, padded_cols = pooled_position_coords(size, pool, (14, 14), empty=1)
+    assert padded_rows.shape == (size[0], 1, pool[0] + 1, 1) and padded_cols.shape == (1, size[1], 1, pool[1] + 1)
+    got = padded[padded_rows, padded_cols][:, :, :-1, :-1]
+    torch.testing.assert_close(got, table[rows, cols], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name, kwargs", [("aggregated", {"sr_ratio": 4, "pretrain_size": 8}), ("cosine_global", {})])
+def test_mixer_exports_with_dynamic_batch_and_size(name, kwargs):
+    """One exported graph for every size, down to maps whose pooled grid is a single token (CPB coordinates
+    scaled to a fixed pretrain size, or to the map's own)."""
+    mixer = create_mixer(name, 16, num_heads=2, **kwargs).eval()
+    dims = {0: Dim("batch", min=1, max=64), 1: Dim("height", min=4, max=256), 2: Dim("width", min=4, max=256)}
+    program = torch.export.export(mixer, (torch.randn(2, 16, 16, 16),), dynamic_shapes=(dims,)).module()
+    for batch, size in [(1, (4, 5)), (3, (9, 13)), (2, (23, 30))]:
+        x = torch.randn(batch, *size, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(program(x), mixer(x), rtol=1e-5, atol=1e-5)
 
 
 def test_aggregated_mixer_any_size_and_minimum():

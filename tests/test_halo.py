@@ -42,9 +42,15 @@ def test_any_map_size(size):
     assert torch.isfinite(x.grad).all()
 
 
-def test_op_rejects_maps_off_the_block_grid():
-    q = torch.randn(1, 1, 6, 8, 4)
-    with pytest.raises(ValueError, match="multiples of block_size 4, got 6x8"):
-        halo_attention(q, q, q, 4, 1)
+def test_op_zero_pads_maps_off_the_block_grid():
+    q, k, v = torch.randn(3, 1, 2, 6, 7, 4)
+    rel = torch.randn(2, 15, 4)  # 2 * (4 + 2 * 2) - 1 offsets
+    padded = (torch.nn.functional.pad(t, (0, 0, 0, 1, 0, 2)) for t in (q, k, v))
+    want = halo_attention(*padded, 4, 2, *rel)[:, :, :6, :7]
+    torch.testing.assert_close(halo_attention(q, k, v, 4, 2, *rel), want, atol=0, rtol=0)
+
+
+def test_op_rejects_half_a_position_embedding():
+    q = torch.randn(1, 1, 8, 8, 4)
     with pytest.raises(ValueError, match="give both rel_height and rel_width"):
         halo_attention(q, q, q, 2, 1, rel_height=torch.zeros(7, 4))

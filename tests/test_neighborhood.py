@@ -3,6 +3,8 @@ reference: test_backend_parity.py)."""
 
 import pytest
 import torch
+from torch.export import Dim
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from visionzoo.kernels import get_op, neighborhood_attention, neighborhood_attention_reference, neighborhood_windows
 
@@ -47,6 +49,43 @@ def test_windows_match_natten_scalar_rules(kernel_size, dilation, height, width)
             pb = natten_pb_start(i, length, kernel_size, dilation)
             assert bias_index[i].tolist() == list(range(pb, pb + kernel_size))
             assert i in keys[i].tolist(), "a query always sees itself"
+
+
+@pytest.mark.parametrize("kernel_size, dilation", [(3, 1), (3, 2), (7, 3)])
+def test_windows_built_from_symbolic_sizes_equal_the_cached_ones(kernel_size, dilation):
+    """Traced with a symbolic length (torch.export, ONNX), the windows come from ``torch.arange`` in the graph."""
+    span = kernel_size * dilation
+    traced = make_fx(lambda x: neighborhood_windows(x.shape[0], kernel_size, dilation), tracing_mode="symbolic")(
+        torch.empty(2 * span + 1)
+    )
+    for length in (span, span + 1, 3 * span + 2):
+        for got, want in zip(traced(torch.empty(length)), neighborhood_windows(length, kernel_size, dilation)):
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_reference_traced_with_symbolic_sizes_matches_eager_at_other_sizes():
+    q, k, v, rpb = (t.detach() for t in _inputs(9, 8, 3, True, dtype=torch.float32))
+    traced = make_fx(lambda q, k, v, rpb: neighborhood_attention(q, k, v, 3, 2, rpb), tracing_mode="symbolic")(
+        q, k, v, rpb
+    )
+    for size in [(6, 11), (13, 6)]:
+        q, k, v, _ = (t.detach() for t in _inputs(*size, 3, True, dtype=torch.float32))
+        torch.testing.assert_close(traced(q, k, v, rpb), neighborhood_attention(q, k, v, 3, 2, rpb), atol=0, rtol=0)
+
+
+class _Neighborhood(torch.nn.Module):
+    def forward(self, q, k, v, rpb):
+        return neighborhood_attention(q, k, v, 3, 2, rpb)
+
+
+def test_reference_exports_with_dynamic_sizes():
+    """torch.export with dynamic batch, H and W (from the window's span up) through the reference."""
+    maps = {0: Dim("batch", min=1, max=8), 2: Dim("height", min=6, max=64), 3: Dim("width", min=6, max=64)}
+    q, k, v, rpb = (t.detach() for t in _inputs(9, 8, 3, True, dtype=torch.float32))
+    program = torch.export.export(_Neighborhood(), (q, k, v, rpb), dynamic_shapes=(maps, maps, maps, None)).module()
+    for size in [(6, 6), (13, 7)]:
+        q, k, v, _ = (t.detach() for t in _inputs(*size, 3, True, dtype=torch.float32))
+        torch.testing.assert_close(program(q, k, v, rpb), neighborhood_attention(q, k, v, 3, 2, rpb), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("with_rpb", [False, True])

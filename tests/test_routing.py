@@ -4,11 +4,14 @@ dense oracle; the routing mixer on any map size; BiFormer's global LePE mixer.""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.export import Dim
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from visionzoo.kernels import (
     bilevel_routing_attention,
     bilevel_routing_attention_gather,
     dense_attention_reference,
+    pad_to_multiple,
     route_regions,
 )
 from visionzoo.mixers import create_mixer
@@ -146,6 +149,48 @@ def test_bad_inputs_raise_clear_errors():
         bilevel_routing_attention(q, k, v, 3, 0)
     with pytest.raises(ValueError, match="must lie within the 12x9 map"):
         bilevel_routing_attention(q, k, v, 3, 2, valid_size=(13, 9))
+
+
+def test_reference_traced_with_symbolic_sizes_masks_padding_in_the_graph():
+    """Traced once with symbolic sizes (torch.export, ONNX), the reference always masks by ``valid_size``: where
+    every token is real it equals eager's unmasked path, elsewhere eager's masked one."""
+
+    def routing(q, k, v, real):  # ``real``'s shape is valid_size
+        return bilevel_routing_attention(q, k, v, 3, 2, 0.3, real.shape, backend="reference")
+
+    traced = make_fx(routing, tracing_mode="symbolic")(*(t.detach() for t in qkv(size=(12, 9))), torch.empty(11, 8))
+    cases = [((12, 9), (12, 9)), ((9, 12), (9, 12)), ((12, 12), (10, 7)), ((9, 9), (2, 8)), ((3, 6), (3, 5))]
+    for size, valid_size in cases:  # the last with one token a region (a filler token in the graph's layout)
+        q, k, v = (t.detach() for t in qkv(size=size, seed=1))
+        want = bilevel_routing_attention(q, k, v, 3, 2, 0.3, valid_size)
+        torch.testing.assert_close(traced(q, k, v, torch.empty(valid_size)), want, atol=1e-6, rtol=1e-6)
+
+
+class _PaddedRouting(torch.nn.Module):
+    """As the routing mixer: zero-pads to multiples of n_win and leaves the padding out."""
+
+    def forward(self, q, k, v):
+        (q, size), (k, _), (v, _) = (pad_to_multiple(t, 3) for t in (q, k, v))
+        return bilevel_routing_attention(q, k, v, 3, 2, 0.3, size)
+
+
+def test_reference_exports_with_dynamic_sizes_down_to_one_token_a_region(tmp_path):
+    """torch.export, and the ONNX exporter built on it, with dynamic batch, H and W, traced where each
+    region holds one token."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    maps = {0: Dim("batch", min=1, max=8), 2: Dim("height", min=2, max=48), 3: Dim("width", min=2, max=48)}
+    example = tuple(t.detach() for t in qkv(size=(2, 3)))
+    exported = torch.export.export(_PaddedRouting(), example, dynamic_shapes=(maps, maps, maps))
+    path = tmp_path / "routing.onnx"
+    torch.onnx.export(exported, dynamo=True).save(str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    for batch, size in [(1, (3, 3)), (3, (12, 9)), (2, (10, 7)), (1, (5, 16))]:
+        q, k, v = (t.detach() for t in qkv(batch, size=size, seed=2))
+        want = _PaddedRouting()(q, k, v)
+        torch.testing.assert_close(exported.module()(q, k, v), want, atol=1e-6, rtol=1e-6)
+        (got,) = session.run(None, dict(zip(names, (q.numpy(), k.numpy(), v.numpy()), strict=True)))
+        torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-5, rtol=1e-5)
 
 
 def test_onnx_trace_takes_the_reference():

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from timm.layers import Mlp
+from timm.layers import Mlp, register_notrace_module
 from torch import nn
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
 ]
 
 
+@register_notrace_module  # FX: BatchNorm2d's forward checks the input's dims
 class BatchNormCl(nn.BatchNorm2d):
     """``BatchNorm2d`` over a channels-last map ``(B, H, W, C)``, with BatchNorm2d's parameter names."""
 

@@ -8,7 +8,8 @@ by renaming the module prefix only.
 Unlike the official classes, which fix the pool size, the padding mask, the length scale
 and the CPB coordinates from the input size given at construction, these mixers derive all
 of them from the actual map (cached per size): at the construction size the numbers are
-the official ones, and any other size works too.
+the official ones, and any other size works too. With symbolic sizes (``torch.export``, ONNX,
+dynamic ``torch.compile``) they are computed in the graph, so one graph serves every size.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
-from visionzoo.kernels import aggregated_attention, dense_attention, pooled_position_coords
+from visionzoo.kernels import adaptive_avg_pool, aggregated_attention, dense_attention, pooled_position_coords
+from visionzoo.kernels.aggregated import empty_pool_cells
+from visionzoo.kernels.windows import sym_max
 
 from .registry import HeadedMixer, register_mixer
 
@@ -28,6 +31,13 @@ __all__ = ["AggregatedAttention", "CosineGlobalAttention"]
 
 _CPB_HIDDEN = 512
 _INITIAL_TEMPERATURE = 1 / 0.24
+
+
+def _log_tokens(tokens, like: torch.Tensor):
+    """``log(tokens)``: a Python float for an int, else computed in the graph (in float64, rounded as the float is)."""
+    if isinstance(tokens, int):
+        return math.log(tokens)
+    return like.new_full((), tokens, dtype=torch.float64).log().to(like.dtype)
 
 
 def _pair(value: int | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -45,14 +55,6 @@ class _LengthScaledCosineAttention(HeadedMixer):
         head_dim: channels per head when ``num_heads`` is None.
         backend: kernel backend.
     """
-
-    # pooled sizes, position tables and length scales come from H and W in Python (cached per size)
-    onnx_dynamic_size = False
-
-    @staticmethod
-    def map_size(x: torch.Tensor) -> tuple[int, int]:
-        """H and W as Python ints: traced for ONNX they become constants of the graph (see ``onnx_dynamic_size``)."""
-        return int(x.shape[1]), int(x.shape[2])
 
     def __init__(
         self,
@@ -79,20 +81,24 @@ class _LengthScaledCosineAttention(HeadedMixer):
         skip = {"temperature", "query_embedding"}
         return skip | {f"{fc}.{p}" for fc in ("cpb_fc1", "cpb_fc2") for p in ("weight", "bias")}
 
-    def position_bias(self, size: tuple[int, int], pool_size: tuple[int, int]) -> torch.Tensor:
-        """Continuous position bias of every (query, pooled key) pair: ``(heads, H*W, ph*pw)``."""
-        pretrain = self.pretrain_size or (max(size[0], 2), max(size[1], 2))
-        table, rows, cols = pooled_position_coords(size, pool_size, pretrain, self.cpb_fc1.weight.device)
+    def position_bias(self, size: tuple[int, int], pool_size: tuple[int, int], empty: int = 0) -> torch.Tensor:
+        """Continuous position bias of every (query, pooled key) pair: ``(heads, H*W, ph*pw)``; with ``empty``
+        cells after each axis's pooled ones (``adaptive_avg_pool``), ``-inf`` on those (masked out)."""
+        pretrain = self.pretrain_size or (sym_max(size[0], 2), sym_max(size[1], 2))
+        device = self.cpb_fc1.weight.device
+        table, rows, cols = pooled_position_coords(size, pool_size, pretrain, device, empty)
         table = self.cpb_fc2(self.cpb_act(self.cpb_fc1(table.to(self.cpb_fc1.weight.dtype))))
-        bias = table.permute(2, 0, 1)[:, rows, cols]  # (heads, H, W, ph, pw)
-        return bias.reshape(self.num_heads, size[0] * size[1], pool_size[0] * pool_size[1])
+        bias = table.permute(2, 0, 1)[:, rows, cols]  # (heads, H, W, ph + empty, pw + empty)
+        if empty:
+            pool_h, pool_w = (torch.arange(n + empty, device=device) < n for n in pool_size)
+            bias = bias.masked_fill(~(pool_h[:, None] & pool_w), float("-inf"))
+        return bias.flatten(3).flatten(1, 2)
 
     def logit_scale(self) -> torch.Tensor:
         return F.softplus(self.temperature).reshape(self.num_heads)
 
     def merge_and_project(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """``(B, heads, H, W, head_dim)`` or ``(B, heads, H*W, head_dim)`` to ``(B, H, W, C)``, then ``proj``; reshaped
-        to ``map_size``'s constant H and W, which the next mixer's adaptive pooling needs known in a traced graph."""
+        """``(B, heads, H, W, head_dim)`` or ``(B, heads, H*W, head_dim)`` to ``(B, H, W, C)``, then ``proj``."""
         batch = x.shape[0]
         x = x.reshape(batch, self.num_heads, *size, self.head_dim).permute(0, 2, 3, 1, 4)
         return self.proj(x.reshape(batch, *size, self.dim))
@@ -149,13 +155,14 @@ class AggregatedAttention(_LengthScaledCosineAttention):
         return super().no_weight_decay() | {"relative_pos_bias_local"}
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
-        height, width = self.map_size(x)
+        height, width = x.shape[1], x.shape[2]
         pool_size = (height // self.sr_ratio, width // self.sr_ratio)
-        (q,) = self.split_heads(self.q(x), size=(height, width))
-        k, v = self.split_heads(self.kv(x), 2, size=(height, width))
-        pooled = F.adaptive_avg_pool2d(self.act(self.sr(x.permute(0, 3, 1, 2))), pool_size)
+        empty = empty_pool_cells(height, width)  # exported: an empty, masked pooled row and column
+        (q,) = self.split_heads(self.q(x))
+        k, v = self.split_heads(self.kv(x), 2)
+        pooled = adaptive_avg_pool(self.act(self.sr(x.permute(0, 3, 1, 2))), pool_size, empty)
         pooled = self.kv(self.norm(pooled.permute(0, 2, 3, 1)))  # channels-last (B, ph, pw, 2C)
-        k_pool, v_pool = (t.flatten(2, 3) for t in self.split_heads(pooled, 2, size=pool_size))
+        k_pool, v_pool = (t.flatten(2, 3) for t in self.split_heads(pooled, 2))
         out = aggregated_attention(
             q,
             k,
@@ -165,7 +172,7 @@ class AggregatedAttention(_LengthScaledCosineAttention):
             self.query_embedding.reshape(self.num_heads, self.head_dim),
             self.logit_scale(),
             self.relative_pos_bias_local,
-            self.position_bias((height, width), pool_size),
+            self.position_bias((height, width), pool_size, empty),
             self.learnable_tokens,
             self.learnable_bias.reshape(self.num_heads, -1),
             self.window_size,
@@ -203,10 +210,10 @@ class CosineGlobalAttention(_LengthScaledCosineAttention):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
-        height, width = self.map_size(x)
-        tokens = height * width
-        q, k, v = (t.flatten(2, 3) for t in self.split_heads(self.qkv(x), 3, size=(height, width)))
-        q = (F.normalize(q, dim=-1) + self.query_embedding) * self.logit_scale().reshape(-1, 1, 1) * math.log(tokens)
+        height, width = x.shape[1], x.shape[2]
+        q, k, v = (t.flatten(2, 3) for t in self.split_heads(self.qkv(x), 3))
+        q = (F.normalize(q, dim=-1) + self.query_embedding) * self.logit_scale().reshape(-1, 1, 1)
+        q = q * _log_tokens(height * width, q)
         bias = self.position_bias((height, width), (height, width)).to(q.dtype)
         out = dense_attention(q, F.normalize(k, dim=-1), v, bias, scale=1.0, backend=self.kernel_backend)
         return self.merge_and_project(out, (height, width))

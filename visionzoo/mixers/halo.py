@@ -6,7 +6,7 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-from visionzoo.kernels import crop_map, halo_attention, pad_to_multiple
+from visionzoo.kernels import halo_attention
 
 from .registry import HeadedMixer, register_mixer
 
@@ -21,7 +21,7 @@ class HaloAttention(HeadedMixer):
     key then value channels, as timm lays them out) and ``rel_height``/``rel_width`` its
     ``pos_embed.height_rel``/``width_rel``. Unlike timm's layer, which is used inside a
     bottleneck, the mixer ends with an output projection (``proj=False`` drops it). Any map
-    size: the map is zero-padded to a multiple of the block size, then cropped.
+    size: ``halo_attention`` zero-pads the keys and values to a multiple of the block size.
 
     Args:
         dim: channels.
@@ -73,10 +73,9 @@ class HaloAttention(HeadedMixer):
         self.rel_width.copy_(layer.pos_embed.width_rel)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
-        x, size = pad_to_multiple(x, self.block_size)
         (q,) = self.split_heads(self.q(x))
         k, v = self.split_heads(self.kv(x), 2, heads_first=True)
         out = halo_attention(
             q, k, v, self.block_size, self.halo_size, self.rel_height, self.rel_width, backend=self.kernel_backend
         )
-        return self.proj(crop_map(self.merge_heads(out), size))
+        return self.proj(self.merge_heads(out))

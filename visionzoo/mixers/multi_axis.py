@@ -6,14 +6,8 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-from visionzoo.kernels import (
-    crop_map,
-    dense_attention,
-    pad_to_multiple,
-    partition_windows,
-    relative_position_index,
-    unpartition_windows,
-)
+from visionzoo.kernels import dense_attention, partition_windows, relative_position_index, unpartition_windows
+from visionzoo.kernels.windows import is_static
 
 from .registry import MultiHeadMixer, TokenMixer, register_mixer
 
@@ -24,8 +18,8 @@ class PartitionAttention(MultiHeadMixer):
     """Self-attention inside each window (``grid=False``) or grid group (``grid=True``) of ``size`` tokens.
 
     Relative position bias as timm's ``RelPosBias`` (``relative_position_bias_table`` of
-    shape ``((2s-1)^2, heads)``). Maps that are not multiples of ``size`` are padded and the
-    padded tokens are masked out of every attention, then cropped.
+    shape ``((2s-1)^2, heads)``). Maps that are not multiples of ``size`` are zero-padded (by
+    ``partition_windows``) and the padded tokens are masked out of every attention, then cropped.
     """
 
     def __init__(
@@ -56,26 +50,26 @@ class PartitionAttention(MultiHeadMixer):
         self.proj.load_state_dict(attn.proj.state_dict())
         self.relative_position_bias_table.copy_(attn.rel_pos.relative_position_bias_table)
 
-    def _bias(self, x: torch.Tensor, padded_size: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    def _bias(self, x: torch.Tensor) -> torch.Tensor:
+        """The relative position bias ``(1, heads, N, N)``, or ``(B * windows, heads, N, N)`` with the padding of a
+        map ``x`` off the window grid masked out (always with symbolic sizes)."""
         tokens = self.size[0] * self.size[1]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         bias = bias.view(tokens, tokens, -1).permute(2, 0, 1).unsqueeze(0).to(x.dtype)  # (1, heads, N, N)
-        if padded_size == size:
+        height, width = x.shape[1], x.shape[2]
+        if all(is_static(length % size, 0) for length, size in zip((height, width), self.size)):
             return bias
-        valid = torch.zeros(1, *padded_size, 1, dtype=torch.bool, device=x.device)
-        valid[:, : size[0], : size[1]] = True
-        keep = partition_windows(valid, self.size, self.grid).reshape(-1, 1, 1, tokens)
-        masked = bias.masked_fill(~keep, float("-inf"))  # (windows, heads, N, N)
-        return masked.repeat(x.shape[0], 1, 1, 1)
+        # one mask per image: windows then only appear times the batch (see kernels.windows.regroup)
+        real = torch.ones(x.shape[0], height, width, 1, dtype=torch.bool, device=x.device)
+        keep = partition_windows(real, self.size, self.grid).reshape(-1, 1, 1, tokens)
+        return bias.masked_fill(~keep, float("-inf"))  # (B * windows, heads, N, N)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
-        x, size = pad_to_multiple(x, self.size)
-        padded_size = (x.shape[1], x.shape[2])
         windows = partition_windows(x, self.size, self.grid)
         q, k, v = (t.flatten(2, 3) for t in self.qkv_heads(windows))
-        out = dense_attention(q, k, v, self._bias(x, padded_size, size), backend=self.kernel_backend)
+        out = dense_attention(q, k, v, self._bias(x), backend=self.kernel_backend)
         out = self.proj(self.merge_heads(out.unflatten(2, self.size)))
-        return crop_map(unpartition_windows(out, self.size, padded_size, self.grid), size)
+        return unpartition_windows(out, self.size, (x.shape[1], x.shape[2]), self.grid)
 
 
 @register_mixer("multi_axis")

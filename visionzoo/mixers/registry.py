@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from timm.layers import is_exportable
+from timm.layers import is_exportable, register_notrace_module
 from torch import nn
 
 from visionzoo.kernels import pad_to_multiple
@@ -29,6 +29,7 @@ def _normalise(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
 
+@register_notrace_module  # FX (timm's feature extractors) keeps every mixer as one leaf: mixers branch on sizes
 class TokenMixer(nn.Module):
     """Mixes tokens of a channels-last map ``(B, H, W, C)`` into the same shape.
 
@@ -46,8 +47,6 @@ class TokenMixer(nn.Module):
     """
 
     min_size: tuple[int, int] = (1, 1)
-    # False where the mixer derives sizes or tables from H and W in Python: ONNX then fixes H and W
-    onnx_dynamic_size: bool = True
 
     def __init__(self, dim: int, backend: str = "auto"):
         super().__init__()
@@ -99,9 +98,7 @@ class HeadedMixer(TokenMixer):
         self.num_heads = resolve_num_heads(dim, num_heads, head_dim)
         self.head_dim = dim // self.num_heads
 
-    def split_heads(
-        self, x: torch.Tensor, parts: int = 1, heads_first: bool = False, size: tuple[int, int] | None = None
-    ) -> tuple[torch.Tensor, ...]:
+    def split_heads(self, x: torch.Tensor, parts: int = 1, heads_first: bool = False) -> tuple[torch.Tensor, ...]:
         """A channels-last projection ``(B, H, W, parts * C)`` to ``parts`` maps ``(B, heads, H, W, head_dim)``.
 
         Args:
@@ -109,11 +106,9 @@ class HeadedMixer(TokenMixer):
             parts: how many maps its channels hold (e.g. 3 for queries, keys and values).
             heads_first: channels are head by head, each holding its ``parts`` (timm's halo ``kv``), rather
                 than part by part, each holding every head.
-            size: H and W as Python ints, for mixers whose traced graph fixes them (their adaptive pooling needs
-                sizes that ONNX knows); taken from ``x`` otherwise, so the graph keeps them dynamic.
         """
         layout = (self.num_heads, parts, self.head_dim) if heads_first else (parts, self.num_heads, self.head_dim)
-        x = x.reshape(x.shape[0], *size, *layout) if size is not None else x.reshape(*x.shape[:3], *layout)
+        x = x.reshape(*x.shape[:3], *layout)
         return (x.permute(4, 0, 3, 1, 2, 5) if heads_first else x.permute(3, 0, 4, 1, 2, 5)).unbind(0)
 
     def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
