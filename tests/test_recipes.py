@@ -122,7 +122,8 @@ def test_fit_writes_checkpoints_logs_and_curves_then_exports(fashion_like, tmp_p
     onnx = tmp_path / "model.onnx"
     code = main(["export", "--checkpoint", str(run / "checkpoints" / "last.ckpt"), "-o", str(onnx), "--dynamic"])
     assert code == 0 and onnx.is_file()
-    assert "(2, 3, 32, 32)" in capsys.readouterr().out, "export did not take the recipe's image size"
+    out = capsys.readouterr().out
+    assert "at 32x32 (batch 2)" in out, f"export did not check the recipe's image size: {out}"
     cfg = load_model(None, run / "checkpoints" / "last.ckpt").pretrained_cfg
     assert (cfg["mean"], cfg["std"]) == ((0.286,) * 3, (0.353,) * 3), "the recipe's normalisation was lost"
 

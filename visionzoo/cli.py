@@ -124,40 +124,59 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+# checked with --dynamic beside the export size and the model's own: they pad to other window, region and
+# pool multiples
+DEFAULT_CHECK_SIZES = ((97, 75), (320, 256), (64, 64), (417, 403))
+
+
+def _check_sizes(args: argparse.Namespace, model, size: tuple[int, int]) -> list[tuple[int, int]]:
+    """The export size, then (``--dynamic``) the model's own and ``--check-size`` or the default sizes, those
+    the model accepts, each once."""
+    from visionzoo.checkpoints import is_detector
+    from visionzoo.export import default_input_size, min_input_size
+
+    if not args.dynamic:
+        return [size]
+    extra = [tuple(s) for s in args.check_size] if args.check_size else DEFAULT_CHECK_SIZES
+    sizes = [size, default_input_size(model), *extra]
+    if not is_detector(model):
+        min_h, min_w = min_input_size(model)
+        sizes = [(h, w) for h, w in sizes if h >= min_h and w >= min_w]
+    return list(dict.fromkeys(sizes))
+
+
 def _export(args: argparse.Namespace) -> int:
     from visionzoo.checkpoints import is_detector, load_model
-    from visionzoo.export import check_onnx, default_input_size, export_onnx, fixed_size_reasons
+    from visionzoo.export import check_onnx, default_input_size, export_onnx
 
     try:
         model = load_model(args.model, args.checkpoint)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        size = tuple(args.img_size or default_input_size(model, args.dynamic))
+        name = args.model or model.pretrained_cfg.get("architecture", "model")
+        if not hasattr(model, "num_classes"):  # a detector or a segmenter over the backbone `name`
+            name = f"{name}_{type(model).__name__.lower()}"
+        path = export_onnx(model, args.output or f"{name}.onnx", size, dynamic=args.dynamic)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:  # export_onnx raises ExportError, a RuntimeError
         print(f"error: {error}", file=sys.stderr)
         return 2
-    size = tuple(args.img_size or default_input_size(model))
-    name = args.model or model.pretrained_cfg.get("architecture", "model")
-    if not hasattr(model, "num_classes"):  # a detector or a segmenter over the backbone `name`
-        name = f"{name}_{type(model).__name__.lower()}"
-    path = export_onnx(model, args.output or f"{name}.onnx", size, dynamic=args.dynamic)
-    fixed = fixed_size_reasons(model)
     batch = (
         "one image (a torchvision detector)" if is_detector(model) else "dynamic batch" if args.dynamic else "batch 2"
     )
-    if not args.dynamic:
-        print(f"wrote {path} (static {size[0]}x{size[1]}, {batch})")
-    elif fixed:
-        print(f"wrote {path} ({batch}, fixed {size[0]}x{size[1]}: {', '.join(fixed)} sizes its tables in Python)")
-    else:
-        print(f"wrote {path} ({batch}, dynamic HxW)")
+    shape = "dynamic HxW" if args.dynamic else f"static {size[0]}x{size[1]}"
+    print(f"wrote {path} ({batch}, {shape})")
     if args.no_check:
         return 0
-    sizes = [size] + ([tuple(args.check_size)] if args.dynamic and not fixed and args.check_size else [])
-    results = check_onnx(model, path, sizes, tolerance=args.tolerance)
+    results = check_onnx(model, path, _check_sizes(args, model, size), tolerance=args.tolerance)
     for result in results:
-        verdict = "ok" if result.ok else "MISMATCH"
-        found = "" if result.detections is None else f", {result.detections} detections"
-        diff = f"max abs diff {result.max_abs_diff:.3g}{found}"
-        print(f"onnxruntime vs torch at {result.input_shape}: {diff} ({verdict})")
-    return 0 if all(r.ok for r in results) else 1
+        if result.ok:
+            print(f"onnxruntime matches torch at {result.describe()} (ok)")
+    failed = [result.describe() for result in results if not result.ok]
+    if failed:
+        print(
+            f"error: {path} differs from torch (tolerance {args.tolerance:g}) at {'; '.join(failed)}", file=sys.stderr
+        )
+        return 2
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", help="ONNX file (default: MODEL.onnx)")
     export.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="export size (default: model's)")
     export.add_argument("--dynamic", action="store_true", help="free batch, height and width in the graph")
-    export.add_argument("--check-size", type=int, nargs=2, default=(320, 256), metavar=("H", "W"),
-                        help="second size checked in onnxruntime with --dynamic (default: 320 256)")  # fmt: skip
+    export.add_argument("--check-size", type=int, nargs=2, action="append", metavar=("H", "W"),
+                        help="size checked in onnxruntime with --dynamic, besides the export size and the model's "
+                        "(repeatable; default: 97x75, 320x256, 64x64, 417x403, those the model accepts)")  # fmt: skip
     export.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference allowed (default: 1e-4)")
     export.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
     export.set_defaults(run=_export)

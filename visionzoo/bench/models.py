@@ -85,6 +85,8 @@ def bench_model(
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     one, many = (torch.randn(n, 3, *size, device=dev).to(memory_format=memory_format) for n in (1, batch))
     model = model.to(memory_format=memory_format)
+    if compile_mode is not None:
+        torch._dynamo.reset()  # models share code objects (blocks, stages): each compiles afresh, within dynamo's limit
     run = model if compile_mode is None else torch.compile(model, mode=compile_mode, fullgraph=True, dynamic=False)
 
     def timed(x: torch.Tensor, backward: bool) -> tuple[float, float, float | None]:
