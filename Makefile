@@ -22,7 +22,7 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest -q
 
-# The slow tests (ONNX export of every model, checked in onnxruntime); CI runs them after `make test`.
+# The slow tests (ONNX and torch.export, dynamo on every model, recipes' fast_dev_run); CI runs them after `make test`.
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
