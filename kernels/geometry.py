@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .precision import float32_logits
-from .windows import is_static, sym_max
+from .windows import all_int, is_static, sym_max, sym_mod
 
 __all__ = [
     "cached_geometry",
@@ -166,10 +166,6 @@ def check_grid(height: int, width: int, n_win: int) -> None:
     )
 
 
-def _symbolic(*sizes) -> bool:
-    return any(isinstance(size, torch.SymInt) for size in sizes)
-
-
 def _region_layout(height, width, n_win: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """The region layout of a map of symbolic size, as index tables built in the traced graph.
 
@@ -193,16 +189,15 @@ def _region_layout(height, width, n_win: int, device: torch.device) -> tuple[tor
 
 
 def _divmod(index: torch.Tensor, divisor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``index // divisor`` and ``index % divisor`` (the ONNX exporter takes no remainder by a symbolic size)."""
-    quotient = index // divisor
-    return quotient, index - quotient * divisor
+    """``index // divisor`` and ``index % divisor`` (:func:`~visionzoo.kernels.windows.sym_mod`)."""
+    return index // divisor, sym_mod(index, divisor)
 
 
 def regions(x: torch.Tensor, n_win: int) -> torch.Tensor:
     """``(B, h, H, W, d)`` to ``(B, h, n_win**2, region_tokens, d)``, regions and tokens row-major (with
     symbolic sizes the :func:`_region_layout`, filler tokens included)."""
     batch, heads, height, width, dim = x.shape
-    if _symbolic(height, width):
+    if not all_int(height, width):
         rows, cols = _region_layout(height, width, n_win, x.device)[:2]
         return x[:, :, rows, cols]
     rh, rw = height // n_win, width // n_win
@@ -212,7 +207,7 @@ def regions(x: torch.Tensor, n_win: int) -> torch.Tensor:
 
 def unregions(x: torch.Tensor, n_win: int, height: int, width: int) -> torch.Tensor:
     """Inverse of :func:`regions` back to ``(B, h, H, W, d)`` (filler tokens left out)."""
-    if _symbolic(height, width):
+    if not all_int(height, width):
         map_region, map_token = _region_layout(height, width, n_win, x.device)[3:]
         return x[:, :, map_region, map_token]
     batch, heads, _, _, dim = x.shape
@@ -236,7 +231,7 @@ def valid_or_none(q: torch.Tensor, n_win: int, valid_size: tuple[int, int] | Non
     """
     height, width = q.shape[2], q.shape[3]
     valid_h, valid_w = (height, width) if valid_size is None else valid_size
-    if _symbolic(height, width):
+    if not all_int(height, width):
         rows, cols, real = _region_layout(height, width, n_win, q.device)[:3]
         return real & (rows < valid_h) & (cols < valid_w)
     if is_static(valid_h, height) and is_static(valid_w, width):

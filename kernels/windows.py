@@ -22,6 +22,7 @@ __all__ = [
     "regroup",
     "relative_position_index",
     "sym_max",
+    "sym_mod",
     "unpartition_windows",
     "window_counts",
     "window_gather_index",
@@ -60,7 +61,7 @@ def crop_map(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     height, width = size
     if is_static(x.shape[-3], height) and is_static(x.shape[-2], width):
         return x
-    if isinstance(height, int) and isinstance(width, int):
+    if all_int(height, width):
         return x[..., :height, :width, :].contiguous()
     # gathered, not sliced: whether a slice is contiguous depends on the padding, a guard that would pin the sizes
     rows, cols = torch.arange(height, device=x.device), torch.arange(width, device=x.device)
@@ -98,7 +99,7 @@ def regroup(x: torch.Tensor, dims: int, sizes: tuple) -> torch.Tensor:
     return x.flatten(0, dims - 1).unflatten(0, (-1, *sizes))
 
 
-def _mod(index: torch.Tensor, divisor) -> torch.Tensor:
+def sym_mod(index: torch.Tensor, divisor) -> torch.Tensor:
     """``index % divisor``, spelled without remainder, which the ONNX exporter lacks for a symbolic divisor."""
     return index - index // divisor * divisor
 
@@ -116,9 +117,9 @@ def window_gather_index(
     (sh, sw), (step_h, step_w) = _pair(size), (1, 1) if grid else _pair(stride or size)
     space_h, space_w = (rows, cols) if grid else (1, 1)
     flat = torch.arange(rows * cols * sh * sw, device=device)
-    window, token = flat // (sh * sw), _mod(flat, sh * sw)
+    window, token = flat // (sh * sw), sym_mod(flat, sh * sw)
     row = window // cols * step_h + token // sw * space_h
-    col = _mod(window, cols) * step_w + _mod(token, sw) * space_w
+    col = sym_mod(window, cols) * step_w + sym_mod(token, sw) * space_w
     return row * map_width + col
 
 
@@ -130,7 +131,7 @@ def window_scatter_index(
     (height, width), (rows, cols), (sh, sw) = map_size, counts, _pair(size)
     at_row, at_col = torch.arange(height, device=device)[:, None], torch.arange(width, device=device)
     if grid:
-        window, token = _mod(at_row, rows) * cols + _mod(at_col, cols), at_row // rows * sw + at_col // cols
+        window, token = sym_mod(at_row, rows) * cols + sym_mod(at_col, cols), at_row // rows * sw + at_col // cols
     else:
         window, token = at_row // sh * cols + at_col // sw, at_row % sh * sw + at_col % sw
     return window * (sh * sw) + token
@@ -150,7 +151,7 @@ def partition_windows(x: torch.Tensor, size: int | tuple[int, int], grid: bool =
     pad_h, pad_w = counts[0] * sh - height, counts[1] * sw - width
     if not (is_static(pad_h, 0) and is_static(pad_w, 0)):
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    if not (isinstance(height, int) and isinstance(width, int)):
+    if not all_int(height, width):
         index = window_gather_index(counts, size, counts[1] * sw, grid, device=x.device)
         x = x.flatten(-3, -2).index_select(-2, index)
         return regroup(x, x.dim() - 1, (sh, sw))
@@ -170,7 +171,7 @@ def unpartition_windows(
     sh, sw = _pair(size)
     height, width = map_size
     (rows, cols), channels = window_counts(height, width, size), windows.shape[-1]
-    if not (isinstance(height, int) and isinstance(width, int)):
+    if not all_int(height, width):
         index = window_scatter_index(map_size, (rows, cols), size, grid, device=windows.device)
         return regroup(windows, 3, (rows * cols * sh * sw,))[:, index]
     x = windows.reshape(-1, rows, cols, sh, sw, channels)
