@@ -64,7 +64,7 @@ __all__ = [
 AUTO = "auto"
 REFERENCE = "reference"
 ENV_VAR = "VISIONZOO_BACKEND"
-BACKENDS = (REFERENCE, "sdpa", "flex", "natten", "triton")
+BACKENDS = (REFERENCE, "sdpa", "tiled", "flex", "natten", "triton")
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 SINGLE_AND_HALF = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -16,11 +16,15 @@ Tensors are ``(B, heads, H, W, head_dim)``. Backends:
   score modification (CUDA; forward only on CPU). Only when forced, for now.
 - ``triton``: fused forward and backward kernels (``triton_neighborhood.py``) with RPB and
   dilation; fp32/fp16/bf16, head dims up to 128; CUDA, or CPU under ``TRITON_INTERPRET=1``.
+- ``tiled``: dense batched matrix multiplies over query tiles and the key rectangles around
+  them (``tiles.py``), RPB and ``-inf`` outside the windows as one additive bias; fp32/fp64,
+  forward and backward through autograd, any device.
 
 ``auto`` takes ``natten`` on CUDA when natten has its fused kernels (libnatten) and there is
-no RPB, else ``triton`` on CUDA where it runs, else ``reference``: on CPU the reference was
-8x (56x56) to 50x (112x112) faster than natten's and torch's flex paths, with 20-70x less
-memory (docs/benchmarks.md).
+no RPB, else ``triton`` on CUDA where it runs; on CPU ``tiled`` for fp32/fp64, else
+``reference``. On CPU the reference was 8x (56x56) to 50x (112x112) faster than natten's and
+torch's flex paths, and ``tiled`` 7-20x faster than the reference for a training step
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ from .geometry import check_neighborhood as _check_window
 from .geometry import neighborhood_windows
 from .geometry import windows_1d as _windows_1d
 from .precision import float32_logits
+from .tiles import neighborhood_bias, neighborhood_tile_size, neighborhood_tiles, tiled_attention
+from .windows import all_int
 
 __all__ = [
     "neighborhood_attention",
@@ -180,7 +186,7 @@ def neighborhood_attention_weights(q, k, kernel_size, dilation=1, rpb=None, scal
 _op = KernelOp(
     "neighborhood_attention",
     neighborhood_attention_reference,
-    priority=("natten", "flex", "triton"),
+    priority=("natten", "flex", "triton", "tiled"),
     features=("rpb", "float32_rpb", "dilation"),  # float32_rpb: an fp32 table beside half activations (autocast)
     schema="(Tensor q, Tensor k, Tensor v, int kernel_size, int dilation, Tensor? rpb, float? scale) -> Tensor",
 )
@@ -329,6 +335,36 @@ def neighborhood_attention_triton(q, k, v, kernel_size, dilation=1, rpb=None, sc
     return fused(q, k, v, kernel_size, dilation, rpb, scale)
 
 
+def can_run_tiled(q, k, v, kernel_size, dilation=1, rpb=None, scale=None) -> Capability:
+    if not all_int(*q.shape) and not torch.compiler.is_compiling():  # compiled, it runs on concrete tensors
+        return Capability.no("traced with symbolic sizes: the tiles are laid out for concrete ones")
+    if not q.shape == k.shape == v.shape:
+        return Capability.no("q, k and v differ in shape")
+    dtypes = {t.dtype for t in (q, k, v)}
+    if len(dtypes) > 1 or q.dtype not in _TILED_DTYPES:
+        return Capability.no(f"dtypes {sorted(map(str, dtypes))}: one of float32 and float64 only")
+    return Capability.yes()
+
+
+_TILED_DTYPES = (torch.float32, torch.float64)
+
+
+# Chosen on CPU: 7-20x the reference for a training step at NAT's and DiNAT's stage shapes (docs/benchmarks.md).
+@_op.register(
+    "tiled",
+    can_run_tiled,
+    declares=Support(("cpu", "cuda"), _TILED_DTYPES, ("cpu", "cuda"), ("rpb", "dilation")),
+    auto_devices=("cpu",),
+)
+def neighborhood_attention_tiled(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
+    height, width = q.shape[2], q.shape[3]
+    _check_window(height, kernel_size, dilation)
+    _check_window(width, kernel_size, dilation)
+    tile = neighborhood_tile_size(height, width, kernel_size, dilation)
+    tiles = neighborhood_tiles(height, width, kernel_size, dilation, tile, q.device)
+    return tiled_attention(q, k, v, tiles, neighborhood_bias(rpb, tiles, kernel_size, q), scale)
+
+
 def neighborhood_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -349,6 +385,6 @@ def neighborhood_attention(
         dilation: spacing between the window's keys.
         rpb: relative position bias ``(heads, 2 * kernel_size - 1, 2 * kernel_size - 1)``.
         scale: logit scale; ``head_dim ** -0.5`` when None.
-        backend: ``auto``, ``reference``, ``natten``, ``flex`` or ``triton``.
+        backend: ``auto``, ``reference``, ``tiled``, ``natten``, ``flex`` or ``triton``.
     """
     return _op(q, k, v, kernel_size, dilation, rpb, scale, backend=backend)

@@ -145,7 +145,7 @@ def test_declarations():
     assert DENSE.declared("reference").features == DENSE.features, "the reference takes every feature"
     assert DENSE.declared("triton") == Support(), "a backend the op lacks declares nothing"
     assert dispatch.if_installed("no_such_module_here", Support(("cpu",)))() == Support()
-    assert get_op("neighborhood_attention").priority == ("natten", "flex", "triton")
+    assert get_op("neighborhood_attention").priority == ("natten", "flex", "triton", "tiled")
 
 
 class _SpyModule(torch.nn.Module):
@@ -246,5 +246,5 @@ def test_compiled_model_runs_each_op_as_one_custom_op_of_the_chosen_backend():
         torch.testing.assert_close(out, mixer(x), rtol=0, atol=0)
     (graph,) = graphs
     calls = [n for n in graph.graph.nodes if n.target is torch.ops.visionzoo.neighborhood_attention.default]
-    assert len(calls) == 1 and calls[0].args[-1] == "reference"
+    assert len(calls) == 1 and calls[0].args[-1] == "tiled"
     assert not any("gather" in str(n.target) or "index_select" in str(n.target) for n in graph.graph.nodes)

@@ -7,6 +7,7 @@ from torch.export import Dim
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from visionzoo.kernels import get_op, neighborhood_attention, neighborhood_attention_reference, neighborhood_windows
+from visionzoo.kernels.tiles import neighborhood_bias, neighborhood_tile_size, neighborhood_tiles, tiled_attention
 
 from oracles import brute_force, natten_pb_start, natten_window_start
 
@@ -70,7 +71,8 @@ def test_reference_traced_with_symbolic_sizes_matches_eager_at_other_sizes():
     )
     for size in [(6, 11), (13, 6)]:
         q, k, v, _ = (t.detach() for t in _inputs(*size, 3, True, dtype=torch.float32))
-        torch.testing.assert_close(traced(q, k, v, rpb), neighborhood_attention(q, k, v, 3, 2, rpb), atol=0, rtol=0)
+        want = neighborhood_attention(q, k, v, 3, 2, rpb, backend="reference")
+        torch.testing.assert_close(traced(q, k, v, rpb), want, atol=0, rtol=0)
 
 
 class _Neighborhood(torch.nn.Module):
@@ -85,7 +87,8 @@ def test_reference_exports_with_dynamic_sizes():
     program = torch.export.export(_Neighborhood(), (q, k, v, rpb), dynamic_shapes=(maps, maps, maps, None)).module()
     for size in [(6, 6), (13, 7)]:
         q, k, v, _ = (t.detach() for t in _inputs(*size, 3, True, dtype=torch.float32))
-        torch.testing.assert_close(program(q, k, v, rpb), neighborhood_attention(q, k, v, 3, 2, rpb), atol=0, rtol=0)
+        want = neighborhood_attention(q, k, v, 3, 2, rpb, backend="reference")
+        torch.testing.assert_close(program(q, k, v, rpb), want, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("with_rpb", [False, True])
@@ -128,15 +131,57 @@ def test_even_kernel_is_refused():
         neighborhood_attention(q, k, v, 4)
 
 
-def test_fast_backends_decline_cpu_training_with_reason():
+@pytest.mark.parametrize("kernel_size, dilation, height, width", CASES)
+@pytest.mark.parametrize("with_rpb", [False, True])
+def test_tiled_matches_reference_at_every_tile_size(kernel_size, dilation, height, width, with_rpb):
+    """Tiles of one query, of a few, of the window's size and larger than a dilation group, forward and gradients."""
+    q, k, v, rpb = _inputs(height, width, kernel_size, with_rpb)
+    tensors = [t for t in (q, k, v, rpb) if t is not None]
+    want = neighborhood_attention_reference(q, k, v, kernel_size, dilation, rpb)
+    want_grads = _grads(want, tensors)
+    group = -(-max(height, width) // dilation)
+    for tile in sorted({1, 2, kernel_size, group, group + 3}):
+        tiles = neighborhood_tiles(height, width, kernel_size, dilation, tile, q.device)
+        got = tiled_attention(q, k, v, tiles, neighborhood_bias(rpb, tiles, kernel_size, q))
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10, msg=f"tile {tile}")
+        for g, w in zip(_grads(got, tensors), want_grads, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10, msg=f"tile {tile}")
+
+
+@pytest.mark.parametrize("kernel_size, dilation, height, width", [*CASES, (7, 1, 56, 56), (7, 8, 56, 56)])
+def test_tiles_compute_every_query_once_and_grow_linearly(kernel_size, dilation, height, width):
+    tile = neighborhood_tile_size(height, width, kernel_size, dilation)
+    tiles = neighborhood_tiles(height, width, kernel_size, dilation, tile, torch.device("cpu"))
+    positions = torch.arange(height * width)
+    torch.testing.assert_close(tiles.queries[tiles.outputs], positions, atol=0, rtol=0)
+    assert set(tiles.keys.tolist()) == set(positions.tolist())
+    for offsets, length in ((tiles.row_offsets, height), (tiles.col_offsets, width)):
+        assert ((offsets >= 0).sum(-1) == kernel_size).all(), "every query slot sees exactly its window"
+        assert offsets.shape[1:] == (tile, min(tile + kernel_size - 1, -(-length // dilation)))
+
+    def axis_tiles(length):  # ceil(group / tile) per dilation group: the work is linear in tokens
+        return sum(-(-((length - group + dilation - 1) // dilation) // tile) for group in range(dilation))
+
+    assert tiles.count == axis_tiles(height) * axis_tiles(width)
+
+
+def test_tile_size_keeps_small_maps_whole_and_tiles_large_ones():
+    assert neighborhood_tile_size(14, 14, 7, 1) == 14, "NAT stage 3: the map is one tile"
+    assert neighborhood_tile_size(56, 56, 7, 8) == 7, "DiNAT's dilation 8 at 56x56: one tile per group"
+    assert 4 <= neighborhood_tile_size(56, 56, 7, 1) <= 8
+    assert 4 <= neighborhood_tile_size(200, 334, 7, 1) <= 8, "detection scale: small tiles"
+
+
+def test_cpu_takes_the_tiled_path_and_natten_flex_decline_training_with_reason():
     pytest.importorskip("natten")
     q, k, v, rpb = _inputs(8, 8, 3, True, dtype=torch.float32)
     assert not NA.supports("natten", q, k, v, 3, 1, None)
     assert "forward-only" in NA.supports("flex", q, k, v, 3, 1, rpb).reason
     assert "no relative position bias" in NA.supports("natten", q, k, v, 3, 1, rpb).reason
-    assert NA.choose(q, k, v, 3, 1, rpb) == "reference"
+    assert NA.choose(q, k, v, 3, 1, rpb) == "tiled"
     with torch.no_grad():
-        assert NA.choose(q, k, v, 3, 1, None) == "reference", "natten/flex are slower than the reference on CPU"
+        assert NA.choose(q, k, v, 3, 1, None) == "tiled", "natten/flex are slower than the reference on CPU"
+        assert NA.choose(q.half(), k.half(), v.half(), 3, 1, None) == "reference", "tiled takes fp32/fp64 only"
 
 
 def test_mixer_exports_to_onnx_through_the_reference(tmp_path):

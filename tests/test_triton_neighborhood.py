@@ -34,9 +34,9 @@ def test_triton_refuses_maps_smaller_than_the_window():
 def test_auto_never_picks_triton_on_cpu():
     q, k, v, rpb = _inputs(1, 1, (8, 8), 16, 3, torch.float32)
     assert NA.supports("triton", q, k, v, 3, 1, rpb), "forced, triton runs on CPU in the interpreter"
-    assert NA.choose(q, k, v, 3, 1, rpb) == "reference"
+    assert NA.choose(q, k, v, 3, 1, rpb) == "tiled"
     with torch.no_grad():
-        assert NA.choose(q, k, v, 3, 1, None) == "reference"
+        assert NA.choose(q, k, v, 3, 1, None) == "tiled"
 
 
 def test_triton_declines_with_reasons(monkeypatch):

@@ -124,6 +124,9 @@ OP_CASES: dict[str, list[OpCase]] = {
         neighborhood_case(64, 2, 56, 32, 7, rpb=True, dilation=8),
         neighborhood_case(8, 4, 128, 32, 7, rpb=False),
         neighborhood_case(8, 4, 128, 32, 7, rpb=True),
+        # issue #18: NAT-Tiny's stages 2-4 and DiNAT-Tiny's dilated layers at 224x224, batch 8
+        *(neighborhood_case(8, 2 << i, 56 >> i, 32, 7, rpb=True) for i in range(1, 4)),
+        *(neighborhood_case(8, 2 << i, 56 >> i, 32, 7, rpb=True, dilation=8 >> i) for i in range(3)),
     ],
     # transnext_micro's first stage (sr 8) at 224x224 and 640x640 input
     # issue #7: head dim 32, 56x56 maps at batch 64 and 128x128 maps at batch 8 (pool = size / 8)
