@@ -3,6 +3,7 @@
 import io
 
 import pytest
+import timm
 import torch
 
 from visionzoo import bench
@@ -60,7 +61,9 @@ def test_forward_only_backends_are_skipped_for_training_on_cpu(monkeypatch):
     assert [(r.mode, r.backend) for r in rows] == [
         ("forward", "reference"),
         ("forward", "flex"),
+        ("forward", "tiled"),
         ("forward+backward", "reference"),
+        ("forward+backward", "tiled"),
     ]
 
 
@@ -138,3 +141,14 @@ def test_chart_against_the_papers_top1_leaves_out_models_without_one(tmp_path):
     assert chart.read_bytes().startswith(b"\x89PNG")
     with pytest.raises(ValueError, match="'gmacs' or 'top1'"):
         bench.plot_model_timings(rows, str(chart), against="params")
+
+
+def test_aten_op_count_shows_the_tiled_path_dispatches_fewer_ops():
+    from visionzoo.kernels import use_backend
+    from visionzoo.stats import count_aten_ops
+
+    model = timm.create_model("nat_mini", depths=(1, 1, 1, 1))
+    with use_backend("reference"):
+        reference = count_aten_ops(model, (64, 64))
+    tiled = count_aten_ops(model, (64, 64))
+    assert 0 < tiled < reference

@@ -46,6 +46,24 @@ def count_gmacs(model: nn.Module, size: tuple[int, int]) -> float:
     return counter.get_total_flops() / 2e9
 
 
+def count_aten_ops(model: nn.Module, size: tuple[int, int]) -> int:
+    """Aten ops one eval forward at batch 1 dispatches with the default kernel backends (views included): the
+    per-op overhead of a model on a CPU, beside its arithmetic."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    device = next(model.parameters()).device
+    with torch.no_grad(), Count():
+        model.eval()(torch.zeros(1, 3, *size, device=device))
+    return Count.calls
+
+
 def stage_mixers(model: nn.Module) -> str:
     """Registered names of the token mixers of each stage (``a / b / c / d``; one name when all agree)."""
     names = {get_mixer_class(n): n for n in list_mixers()}

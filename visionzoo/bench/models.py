@@ -12,7 +12,7 @@ import timm
 import torch
 
 from visionzoo.backbones.papers import paper_figures
-from visionzoo.stats import count_gmacs, count_params
+from visionzoo.stats import count_aten_ops, count_gmacs, count_params
 
 from .timing import module_runner, peak_memory_mib, time_call, write_dataclass_csv
 
@@ -44,6 +44,7 @@ class ModelTiming:
     train_img_s: float | None  # one forward+backward at ``batch``
     infer_peak_mib: float | None
     train_peak_mib: float | None
+    aten_ops: int | None = None  # dispatched by one forward at batch 1
 
 
 def model_peak_memory_mib(
@@ -80,7 +81,7 @@ def bench_model(
     dev = torch.device(device)
     model = timm.create_model(name).to(dev).eval()
     size = tuple(input_size or model.pretrained_cfg["input_size"][1:])
-    gmacs = count_gmacs(model, size)
+    gmacs, ops = count_gmacs(model, size), count_aten_ops(model, size)
     params = count_params(model)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     one, many = (torch.randn(n, 3, *size, device=dev).to(memory_format=memory_format) for n in (1, batch))
@@ -102,7 +103,7 @@ def bench_model(
     mode = "eager" if compile_mode is None else "compiled" + ("" if compile_mode == "default" else f" {compile_mode}")
     return ModelTiming(
         name, device_name, mode, channels_last, size, batch, params, gmacs,
-        latency, latency_iqr, batch / infer_ms * 1e3, train_img_s, infer_peak, train_peak,
+        latency, latency_iqr, batch / infer_ms * 1e3, train_img_s, infer_peak, train_peak, ops,
     )  # fmt: skip
 
 
@@ -134,11 +135,11 @@ def _cell(row: ModelTiming, base: ModelTiming | None, field: str, fmt: str, fast
 def format_model_timings(rows: list[ModelTiming], baseline: str | None = None) -> str:
     """Markdown table; each figure carries its ratio to the row's baseline: ``baseline``'s row in the same
     mode (a model in ``rows``), or else, for a compiled row, the same model run eagerly. Speed ratios above 1
-    are faster than the baseline, memory ratios are this model's memory over the baseline's."""
+    are faster than the baseline, memory and op-count ratios are this model's over the baseline's."""
     lines = [
         "| model | device | mode | input | batch | params | GMACs | latency bs1 ms | infer img/s | train img/s "
-        "| infer peak MiB | train peak MiB |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| infer peak MiB | train peak MiB | aten ops |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         b = _baseline_row(r, rows, baseline)
@@ -147,7 +148,7 @@ def format_model_timings(rows: list[ModelTiming], baseline: str | None = None) -
             f"| {r.input_size[0]}x{r.input_size[1]} | {r.batch} | {r.params / 1e6:.2f}M | {r.gmacs:.2f} "
             f"| {_cell(r, b, 'latency_ms', '.1f', faster_when_lower=True)} | {_cell(r, b, 'infer_img_s', '.1f')} "
             f"| {_cell(r, b, 'train_img_s', '.1f')} | {_cell(r, b, 'infer_peak_mib', '.0f')} "
-            f"| {_cell(r, b, 'train_peak_mib', '.0f')} |"
+            f"| {_cell(r, b, 'train_peak_mib', '.0f')} | {_cell(r, b, 'aten_ops', 'd')} |"
         )
     return "\n".join(lines)
 

@@ -84,7 +84,9 @@ def time_call(fn: Callable[[], None], device: torch.device, min_run_time: float)
     """Median and IQR in ms, and peak MiB, of ``fn`` after one warm-up call (which also compiles)."""
     fn()
     peak = peak_memory_mib(fn, device)
-    timing = benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    # the process's threads: the Timer's default of one thread timed every table before issue #18
+    timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    timing = timer.blocked_autorange(min_run_time=min_run_time)
     return timing.median * 1e3, timing.iqr * 1e3, peak
 
 
