@@ -5,8 +5,11 @@ every tile at once, with an additive bias per (query, key) slot that holds the p
 the key is in the query's window and ``-inf`` where it is not. (They beat
 ``scaled_dot_product_attention`` here: its CPU kernel was 1.1-1.9x slower at NAT's shapes, and its
 math path spends a fifth of a training step guarding against fully masked rows, which tiles never have.)
-Work and memory grow with the number of tiles, so linearly in tokens. The index tables depend only
-on the sizes and are cached per size (eager and compiled calls; exports run the references).
+Work and memory grow with the number of tiles, so linearly in tokens. Tiles whose windows lie alike
+(all but those at the borders) share one bias, so the bias is a few tiles' worth whatever the map size;
+inference runs a few tiles at a time, in buffers small enough for the allocator to reuse. The index
+tables depend only on the sizes and are cached per size (eager and compiled calls; exports run the
+references).
 
 :func:`neighborhood_tiles` builds NATTEN's neighbourhoods this way: within each dilation group
 (positions congruent modulo the dilation) a ``T x T`` tile of queries and the
@@ -31,16 +34,18 @@ __all__ = ["Tiles", "neighborhood_bias", "neighborhood_tile_size", "neighborhood
 class Tiles:
     """Where each tile's query and key slots are in the flattened map, and how to put the outputs back.
 
-    Tiles are ``row_tiles x col_tiles``, row-major; each has ``rows x cols`` query slots and the key slots of
-    a rectangle, both row-major.
+    Each tile has ``rows x cols`` query slots and the key slots of a rectangle, both row-major. Tiles whose
+    windows lie alike (most of them: all but those at the borders) share one bias: tiles are ordered by
+    their (row, column) pattern, and ``blocks`` says which run of tiles takes which pattern.
 
     Attributes:
         queries: ``(tiles * query_slots,)`` flat position of each query slot (a slot past a group's edge
             repeats a query; its output is dropped).
         keys: ``(tiles * key_slots,)`` flat position of each key slot.
         outputs: ``(H * W,)`` the query slot that computes each position.
-        row_offsets: ``(row_tiles, rows, key_rows)`` the row of each (query, key) pair in the bias table,
+        row_offsets: ``(row_patterns, rows, key_rows)`` the row of each (query, key) pair in the bias table,
             -1 where the key is outside the query's window; ``col_offsets`` likewise for columns.
+        blocks: ``(pattern, first tile, end tile)`` runs, ``pattern = row_pattern * col_patterns + col_pattern``.
     """
 
     queries: torch.Tensor
@@ -48,10 +53,11 @@ class Tiles:
     outputs: torch.Tensor
     row_offsets: torch.Tensor
     col_offsets: torch.Tensor
+    blocks: tuple[tuple[int, int, int], ...]
 
     @property
     def count(self) -> int:
-        return self.row_offsets.shape[0] * self.col_offsets.shape[0]
+        return self.blocks[-1][2]
 
 
 def _axis_tiles(length: int, kernel_size: int, dilation: int, tile: int, device: torch.device):
@@ -102,40 +108,48 @@ def neighborhood_tiles(height: int, width: int, kernel_size: int, dilation: int,
     """The tiles of NATTEN's 2D neighbourhoods, ``tile x tile`` queries each."""
     row_queries, row_keys, row_offsets, row_outputs = _axis_tiles(height, kernel_size, dilation, tile, device)
     col_queries, col_keys, col_offsets, col_outputs = _axis_tiles(width, kernel_size, dilation, tile, device)
+    row_patterns, row_pattern = torch.unique(row_offsets, dim=0, return_inverse=True)
+    col_patterns, col_pattern = torch.unique(col_offsets, dim=0, return_inverse=True)
+    pattern = (row_pattern[:, None] * col_patterns.shape[0] + col_pattern[None, :]).flatten()
+    order = torch.sort(pattern, stable=True).indices  # tiles (row-major) in pattern order
+    counts = torch.bincount(pattern).tolist()
+    ends = torch.tensor(counts).cumsum(0).tolist()
+    blocks = tuple((p, end - n, end) for p, (n, end) in enumerate(zip(counts, ends)) if n)
 
-    def flat(rows, cols):  # (row_tiles, a) x (col_tiles, b) -> (row_tiles * col_tiles * a * b,)
-        return (rows[:, None, :, None] * width + cols[None, :, None, :]).flatten()
+    def flat(rows, cols):  # (row_tiles, a) x (col_tiles, b) -> (tiles * a * b,), in pattern order
+        positions = rows[:, None, :, None] * width + cols[None, :, None, :]
+        return positions.flatten(0, 1)[order].flatten()
 
-    def slot(outputs):
-        return outputs // tile, outputs % tile
-
-    (row_tile, row_slot), (col_tile, col_slot) = slot(row_outputs), slot(col_outputs)
-    tile_index = row_tile[:, None] * col_queries.shape[0] + col_tile[None, :]
-    outputs = tile_index * tile * tile + row_slot[:, None] * tile + col_slot[None, :]
-    return Tiles(flat(row_queries, col_queries), flat(row_keys, col_keys), outputs.flatten(), row_offsets, col_offsets)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=device)
+    tile_index = rank[row_outputs[:, None] // tile * col_queries.shape[0] + col_outputs[None, :] // tile]
+    outputs = (tile_index * tile + row_outputs[:, None] % tile) * tile + col_outputs[None, :] % tile
+    queries, keys = flat(row_queries, col_queries), flat(row_keys, col_keys)
+    return Tiles(queries, keys, outputs.flatten(), row_patterns, col_patterns, blocks)
 
 
 def neighborhood_bias(rpb: torch.Tensor | None, tiles: Tiles, kernel_size: int, like: torch.Tensor) -> torch.Tensor:
-    """The additive bias of every tile, ``(heads or 1, tiles, query_slots, key_slots)``: the RPB ``(heads,
-    2k - 1, 2k - 1)`` (zeros when None) inside the windows, ``-inf`` outside."""
+    """The additive bias of every tile pattern, ``(heads or 1, patterns, query_slots, key_slots)``: the RPB
+    ``(heads, 2k - 1, 2k - 1)`` (zeros when None) inside the windows, ``-inf`` outside."""
     side = 2 * kernel_size - 1
     table = like.new_zeros(1, side, side) if rpb is None else rpb.to(like.dtype)
     table = F.pad(table, (0, 1, 0, 1), value=float("-inf"))  # offset -1 reads the padding
     rows, cols = tiles.row_offsets, tiles.col_offsets
     bias = table[:, rows[:, None, :, None, :, None], cols[None, :, None, :, None, :]]
-    return bias.reshape(table.shape[0], tiles.count, rows.shape[1] * cols.shape[1], -1)
+    return bias.reshape(table.shape[0], rows.shape[0] * cols.shape[0], rows.shape[1] * cols.shape[1], -1)
 
 
 class _TiledAttention(torch.autograd.Function):
-    """Softmax attention of gathered tiles ``(B, heads, tiles, slots, D)`` with a bias that broadcasts over
-    the batch; saves the weights and the tiles, and needs no masked-row handling (every query has keys)."""
+    """Softmax attention of gathered tiles ``(B, heads, tiles, slots, D)`` with the bias of each block of tiles
+    ``(heads or 1, patterns, query_slots, key_slots)``; saves the weights and the tiles, and needs no
+    masked-row handling (every query has keys)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, scale):
-        logits = torch.matmul(q * scale, k.transpose(-1, -2)).add_(bias)
+    def forward(ctx, q, k, v, bias, blocks, scale):
+        logits = _add_bias(torch.matmul(q * scale, k.transpose(-1, -2)), bias, blocks, 0)
         weights = torch.softmax(logits, -1, out=logits)  # in place: a fresh buffer costs more than the softmax
         ctx.save_for_backward(q, k, v, weights)
-        ctx.scale, ctx.bias_shape = scale, bias.shape if bias.requires_grad else None
+        ctx.scale, ctx.blocks, ctx.bias_shape = scale, blocks, bias.shape if bias.requires_grad else None
         return torch.matmul(weights, v)
 
     @staticmethod
@@ -148,19 +162,64 @@ class _TiledAttention(torch.autograd.Function):
             )
             grad_q = torch.matmul(grad_logits, k).mul_(ctx.scale)
             grad_k = torch.matmul(grad_logits.transpose(-1, -2), q).mul_(ctx.scale)
-            grad_bias = None if ctx.bias_shape is None else grad_logits.sum(0).sum_to_size(ctx.bias_shape)
-        return grad_q, grad_k, grad_v, grad_bias, None
+            grad_bias = None
+            if ctx.bias_shape is not None:
+                grad_bias = grad_logits.new_zeros(ctx.bias_shape)
+                for pattern, first, end in ctx.blocks:
+                    block = grad_logits[:, :, first:end].sum((0, 2))
+                    grad_bias[:, pattern] = block.sum_to_size(grad_bias[:, pattern].shape)
+        return grad_q, grad_k, grad_v, grad_bias, None, None
+
+
+def _add_bias(logits: torch.Tensor, bias: torch.Tensor, blocks, first: int) -> torch.Tensor:
+    """Add to the logits of tiles ``first:`` (``(B, heads, tiles, ...)``) the bias of each one's pattern."""
+    end = first + logits.shape[2]
+    for pattern, lo, hi in blocks:
+        lo, hi = max(lo, first), min(hi, end)
+        if lo < hi:
+            logits[:, :, lo - first : hi - first].add_(bias[:, pattern, None])
+    return logits
+
+
+def _slots(x: torch.Tensor, index: torch.Tensor, first: int, end: int, count: int) -> torch.Tensor:
+    """The slots of tiles ``first:end`` (of ``count``), ``(B, heads, end - first, slots, D)`` from ``(B, heads,
+    H * W, D)``, through their flat positions ``index``."""
+    slots = index.numel() // count
+    x = x.index_select(2, index[first * slots : end * slots])
+    return x.view(*x.shape[:2], end - first, slots, x.shape[-1])
 
 
 def tiled_attention(q, k, v, tiles: Tiles, bias: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Attention of ``(B, heads, H, W, D)`` maps over ``tiles`` with the tiles' ``bias``; same shape out."""
+    """Attention of ``(B, heads, H, W, D)`` maps over ``tiles`` with the bias of their patterns; same shape out."""
     batch, heads, height, width, dim = q.shape
     scale = dim**-0.5 if scale is None else scale
-
-    def gather(x, index):
-        x = x.reshape(batch, heads, height * width, dim).index_select(2, index)
-        return x.view(batch, heads, tiles.count, -1, dim)
-
     with float32_logits(q, k, v, bias) as (q, k, v, bias):  # under autocast too
-        out = _TiledAttention.apply(gather(q, tiles.queries), gather(k, tiles.keys), gather(v, tiles.keys), bias, scale)
-    return out.flatten(2, 3).index_select(2, tiles.outputs).view(batch, heads, height, width, dim)
+        q, k, v = (x.reshape(batch, heads, height * width, dim) for x in (q, k, v))
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias)):
+            every = (0, tiles.count, tiles.count)
+            queries, keys, values = (
+                _slots(q, tiles.queries, *every),
+                _slots(k, tiles.keys, *every),
+                _slots(v, tiles.keys, *every),
+            )
+            out = _TiledAttention.apply(queries, keys, values, bias, tiles.blocks, scale).flatten(2, 3)
+        else:
+            out = _attend_in_chunks(q, k, v, tiles, bias, scale)
+    return out.index_select(2, tiles.outputs).view(batch, heads, height, width, dim)
+
+
+_CHUNK_BYTES = 16 << 20  # logits of a chunk: below 32 MiB the allocator reuses buffers (it maps larger ones afresh)
+
+
+def _attend_in_chunks(q, k, v, tiles: Tiles, bias, scale) -> torch.Tensor:
+    """Inference: the tiles a few at a time, so that every buffer stays small and in cache; ``(B, heads,
+    tiles * query_slots, D)`` from ``(B, heads, H * W, D)`` maps."""
+    query_slots, key_slots = tiles.queries.numel() // tiles.count, tiles.keys.numel() // tiles.count
+    chunk = max(1, _CHUNK_BYTES // (q.shape[0] * q.shape[1] * query_slots * key_slots * q.element_size()))
+    outs = []
+    for first in range(0, tiles.count, chunk):
+        part = (first, min(first + chunk, tiles.count), tiles.count)
+        keys, values = _slots(k, tiles.keys, *part), _slots(v, tiles.keys, *part)
+        logits = _add_bias(torch.matmul(_slots(q, tiles.queries, *part) * scale, keys.mT), bias, tiles.blocks, first)
+        outs.append(torch.matmul(torch.softmax(logits, -1, out=logits), values).flatten(2, 3))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 2)

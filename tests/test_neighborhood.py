@@ -7,6 +7,7 @@ from torch.export import Dim
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from visionzoo.kernels import get_op, neighborhood_attention, neighborhood_attention_reference, neighborhood_windows
+from visionzoo.kernels import tiles as tiles_module
 from visionzoo.kernels.tiles import neighborhood_bias, neighborhood_tile_size, neighborhood_tiles, tiled_attention
 
 from oracles import brute_force, natten_pb_start, natten_window_start
@@ -133,8 +134,9 @@ def test_even_kernel_is_refused():
 
 @pytest.mark.parametrize("kernel_size, dilation, height, width", CASES)
 @pytest.mark.parametrize("with_rpb", [False, True])
-def test_tiled_matches_reference_at_every_tile_size(kernel_size, dilation, height, width, with_rpb):
-    """Tiles of one query, of a few, of the window's size and larger than a dilation group, forward and gradients."""
+def test_tiled_matches_reference_at_every_tile_size(kernel_size, dilation, height, width, with_rpb, monkeypatch):
+    """Tiles of one query, of a few, of the window's size and larger than a dilation group, forward and gradients;
+    inference one tile at a time (the smallest chunks)."""
     q, k, v, rpb = _inputs(height, width, kernel_size, with_rpb)
     tensors = [t for t in (q, k, v, rpb) if t is not None]
     want = neighborhood_attention_reference(q, k, v, kernel_size, dilation, rpb)
@@ -146,6 +148,10 @@ def test_tiled_matches_reference_at_every_tile_size(kernel_size, dilation, heigh
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10, msg=f"tile {tile}")
         for g, w in zip(_grads(got, tensors), want_grads, strict=True):
             torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10, msg=f"tile {tile}")
+        with torch.no_grad(), monkeypatch.context() as patch:
+            patch.setattr(tiles_module, "_CHUNK_BYTES", 1)
+            got = tiled_attention(q, k, v, tiles, neighborhood_bias(rpb, tiles, kernel_size, q))
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10, msg=f"tile {tile}, no grad")
 
 
 @pytest.mark.parametrize("kernel_size, dilation, height, width", [*CASES, (7, 1, 56, 56), (7, 8, 56, 56)])
