@@ -23,7 +23,7 @@ Tensors are ``(B, heads, H, W, head_dim)``. Backends:
 ``auto`` takes ``natten`` on CUDA when natten has its fused kernels (libnatten) and there is
 no RPB, else ``triton`` on CUDA where it runs; on CPU ``tiled`` for fp32/fp64, else
 ``reference``. On CPU the reference was 8x (56x56) to 50x (112x112) faster than natten's and
-torch's flex paths, and ``tiled`` 7-20x faster than the reference for a training step
+torch's flex paths, and ``tiled`` 5-36x faster than the reference for a training step
 (docs/benchmarks.md).
 """
 
@@ -349,7 +349,7 @@ def can_run_tiled(q, k, v, kernel_size, dilation=1, rpb=None, scale=None) -> Cap
 _TILED_DTYPES = (torch.float32, torch.float64)
 
 
-# Chosen on CPU: 7-20x the reference for a training step at NAT's and DiNAT's stage shapes (docs/benchmarks.md).
+# Chosen on CPU: 5-36x the reference for a training step at NAT's and DiNAT's stage shapes (docs/benchmarks.md).
 @_op.register(
     "tiled",
     can_run_tiled,
