@@ -18,13 +18,15 @@ references).
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .geometry import cached_geometry
+from .geometry import cached_geometry, windows_1d
 from .precision import float32_logits
 
 __all__ = ["Tiles", "neighborhood_bias", "neighborhood_tile_size", "neighborhood_tiles", "tiled_attention"]
@@ -66,10 +68,10 @@ def _axis_tiles(length: int, kernel_size: int, dilation: int, tile: int, device:
     group_lengths = [(length - group + dilation - 1) // dilation for group in range(dilation)]
     halo = min(tile + kernel_size - 1, max(group_lengths))
     slots, halo_slots = torch.arange(tile, device=device), torch.arange(halo, device=device)
+    window_starts = windows_1d(length, kernel_size, dilation, device)[0][:, 0] // dilation  # NATTEN's rule
     queries, keys, offsets, outputs = [], [], [], torch.empty(length, dtype=torch.long, device=device)
     for group, group_length in enumerate(group_lengths):
-        starts = torch.arange(group_length, device=device) - kernel_size // 2
-        starts = starts.clamp(min=0).clamp(max=group_length - kernel_size)
+        starts = window_starts[group::dilation]  # in the group's own positions
         for first in range(0, group_length, tile):
             query = (first + slots).clamp(max=group_length - 1)
             key = min(int(starts[first]), max(group_length - halo, 0)) + halo_slots
@@ -88,6 +90,7 @@ def _axis_tiles(length: int, kernel_size: int, dilation: int, tile: int, device:
 _TILE_OVERHEAD = 4096
 
 
+@functools.cache
 def neighborhood_tile_size(height: int, width: int, kernel_size: int, dilation: int) -> int:
     """The query tile side with the least estimated work: pairs scored, plus a fixed cost per tile."""
 
@@ -113,8 +116,7 @@ def neighborhood_tiles(height: int, width: int, kernel_size: int, dilation: int,
     pattern = (row_pattern[:, None] * col_patterns.shape[0] + col_pattern[None, :]).flatten()
     order = torch.sort(pattern, stable=True).indices  # tiles (row-major) in pattern order
     counts = torch.bincount(pattern).tolist()
-    ends = torch.tensor(counts).cumsum(0).tolist()
-    blocks = tuple((p, end - n, end) for p, (n, end) in enumerate(zip(counts, ends)) if n)
+    blocks = tuple((p, end - n, end) for p, (n, end) in enumerate(zip(counts, itertools.accumulate(counts))) if n)
 
     def flat(rows, cols):  # (row_tiles, a) x (col_tiles, b) -> (tiles * a * b,), in pattern order
         positions = rows[:, None, :, None] * width + cols[None, :, None, :]

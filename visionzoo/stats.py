@@ -38,11 +38,15 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _forward_once(model: nn.Module, size: tuple[int, int]) -> None:
+    """One eval forward of a zero image at batch 1, on the model's device."""
+    model.eval()(torch.zeros(1, 3, *size, device=next(model.parameters()).device))
+
+
 def count_gmacs(model: nn.Module, size: tuple[int, int]) -> float:
     """Multiply-accumulates (what papers call FLOPs) of one eval forward at batch 1, reference kernels."""
-    device = next(model.parameters()).device
     with torch.no_grad(), use_backend(REFERENCE), FlopCounterMode(display=False) as counter:
-        model.eval()(torch.zeros(1, 3, *size, device=device))
+        _forward_once(model, size)
     return counter.get_total_flops() / 2e9
 
 
@@ -58,9 +62,8 @@ def count_aten_ops(model: nn.Module, size: tuple[int, int]) -> int:
             Count.calls += 1
             return func(*args, **(kwargs or {}))
 
-    device = next(model.parameters()).device
     with torch.no_grad(), Count():
-        model.eval()(torch.zeros(1, 3, *size, device=device))
+        _forward_once(model, size)
     return Count.calls
 
 
