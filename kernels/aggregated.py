@@ -43,16 +43,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .dispatch import (
-    AUTO,
-    SINGLE_AND_HALF,
-    Capability,
-    KernelOp,
-    Support,
-    can_run_triton_on,
-    is_exporting,
-    triton_support,
-)
+from . import dispatch
+from .dispatch import Capability, Support
 from .geometry import cached_geometry as _cached_geometry
 from .geometry import check_window_size as _check_window
 from .geometry import length_scale
@@ -73,7 +65,7 @@ __all__ = [
 def empty_pool_cells(height, width) -> int:
     """Empty cells to append to each pooled axis (:func:`adaptive_avg_pool`): one when exporting with symbolic
     sizes, where a pooled side of 1 would make ``torch.export`` specialise the graph (it assumes no size is 1)."""
-    return int(is_exporting() and not all_int(height, width))
+    return int(dispatch.is_exporting() and not all_int(height, width))
 
 
 @_cached_geometry
@@ -231,7 +223,7 @@ def aggregated_attention_unfold(
     return out.reshape(batch, heads, height, width, dim)
 
 
-_op = KernelOp(
+_op = dispatch.KernelOp(
     "aggregated_attention",
     aggregated_attention_reference,
     priority=("flex", "triton"),
@@ -271,7 +263,9 @@ def _flex_block_mask(height: int, width: int, pool_len: int, window_size: int, d
     return create_block_mask(mask_mod, None, None, tokens, tokens + pool_len, device=device)
 
 
-@_op.register("flex", can_run_flex, declares=Support(("cpu", "cuda"), SINGLE_AND_HALF, ("cuda",)), auto_devices=())
+@_op.register(
+    "flex", can_run_flex, declares=Support(("cpu", "cuda"), dispatch.SINGLE_AND_HALF, ("cuda",)), auto_devices=()
+)
 def aggregated_attention_flex(
     q, k, v, k_pool, v_pool, query_embedding, logit_scale, rpb, pool_bias, learnable_tokens, learnable_bias, window_size
 ):
@@ -303,7 +297,7 @@ def aggregated_attention_flex(
 def can_run_triton(
     q, k, v, k_pool, v_pool, query_embedding, logit_scale, rpb, pool_bias, learnable_tokens, learnable_bias, *args
 ) -> Capability:
-    verdict = can_run_triton_on(q, k, v, k_pool, v_pool)
+    verdict = dispatch.can_run_triton_on(q, k, v, k_pool, v_pool)
     if not verdict:
         return verdict
     tables = (query_embedding, logit_scale, rpb, pool_bias, learnable_tokens, learnable_bias)
@@ -318,7 +312,7 @@ def can_run_triton(
     return Capability.yes()
 
 
-@_op.register("triton", can_run_triton, declares=triton_support(), auto_devices=("cuda",))
+@_op.register("triton", can_run_triton, declares=dispatch.triton_support(), auto_devices=("cuda",))
 def aggregated_attention_triton(*args):
     from .triton_aggregated import aggregated_attention_triton as fused  # imports triton: only when called
 
@@ -338,7 +332,7 @@ def aggregated_attention(
     learnable_tokens: torch.Tensor,
     learnable_bias: torch.Tensor,
     window_size: int = 3,
-    backend: str = AUTO,
+    backend: str = dispatch.AUTO,
 ) -> torch.Tensor:
     """Length-scaled cosine attention to a sliding window and pooled tokens under one softmax.
 

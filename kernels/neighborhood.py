@@ -33,17 +33,8 @@ import functools
 
 import torch
 
-from .dispatch import (
-    AUTO,
-    SINGLE_AND_HALF,
-    Capability,
-    KernelOp,
-    Support,
-    can_run_triton_on,
-    is_exporting,
-    needs_grad,
-    triton_support,
-)
+from . import dispatch
+from .dispatch import Capability, Support
 from .geometry import check_neighborhood as _check_window
 from .geometry import neighborhood_windows
 from .geometry import windows_1d as _windows_1d
@@ -155,7 +146,7 @@ def neighborhood_attention_reference(q, k, v, kernel_size, dilation=1, rpb=None,
     rows, cols, bias = _windows_and_bias(q, kernel_size, dilation, rpb)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k, v = k.to(q.dtype), v.to(q.dtype)  # one precision throughout (autocast may mix them)
-    if needs_grad(q, k, v, bias) and not is_exporting():
+    if dispatch.needs_grad(q, k, v, bias) and not dispatch.is_exporting():
         return _NeighborhoodAttention.apply(q, k, v, bias, rows, cols, scale)
     return _window_sums(_attention_weights(q, k, rows, cols, bias, scale), v, rows, cols)
 
@@ -183,7 +174,7 @@ def neighborhood_attention_weights(q, k, kernel_size, dilation=1, rpb=None, scal
 
 
 # natten first: its fused kernels keep priority where they run (no RPB); flex is never automatic.
-_op = KernelOp(
+_op = dispatch.KernelOp(
     "neighborhood_attention",
     neighborhood_attention_reference,
     priority=("natten", "flex", "triton", "tiled"),
@@ -201,7 +192,7 @@ def can_run_natten(q, k, v, kernel_size, dilation=1, rpb=None, scale=None) -> Ca
         return Capability.no("natten >= 0.20 has no relative position bias")
     if q.device.type == "cuda" and not natten.HAS_LIBNATTEN:
         return Capability.no("natten was built without libnatten: on CUDA it would run unfused flex attention")
-    if q.device.type != "cuda" and needs_grad(q, k, v):
+    if q.device.type != "cuda" and dispatch.needs_grad(q, k, v):
         return Capability.no(f"natten on {q.device.type} is forward-only")
     if not q.dtype == k.dtype == v.dtype:
         return Capability.no("mixed dtypes")
@@ -217,7 +208,7 @@ def _natten_support() -> Support:
     import natten
 
     devices = ("cpu", "cuda") if natten.HAS_LIBNATTEN else ("cpu",)
-    return Support(devices, SINGLE_AND_HALF, backward=("cuda",), features=("dilation",))
+    return Support(devices, dispatch.SINGLE_AND_HALF, backward=("cuda",), features=("dilation",))
 
 
 @_op.register("natten", can_run_natten, declares=_natten_support, auto_devices=("cuda",))
@@ -263,7 +254,7 @@ def _flex_block_mask(height: int, width: int, kernel_size: int, dilation: int, d
 
 
 def can_run_flex(q, k, v, kernel_size, dilation=1, rpb=None, scale=None) -> Capability:
-    if q.device.type != "cuda" and needs_grad(q, k, v, rpb):
+    if q.device.type != "cuda" and dispatch.needs_grad(q, k, v, rpb):
         return Capability.no(f"flex_attention on {q.device.type} is forward-only")
     if not q.dtype == k.dtype == v.dtype:
         return Capability.no("mixed dtypes")
@@ -276,7 +267,7 @@ def can_run_flex(q, k, v, kernel_size, dilation=1, rpb=None, scale=None) -> Capa
 @_op.register(
     "flex",
     can_run_flex,
-    declares=Support(("cpu", "cuda"), SINGLE_AND_HALF, ("cuda",), ("rpb", "float32_rpb", "dilation")),
+    declares=Support(("cpu", "cuda"), dispatch.SINGLE_AND_HALF, ("cuda",), ("rpb", "float32_rpb", "dilation")),
     auto_devices=(),
 )
 def neighborhood_attention_flex(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
@@ -310,7 +301,7 @@ def neighborhood_attention_flex(q, k, v, kernel_size, dilation=1, rpb=None, scal
 
 
 def can_run_triton(q, k, v, kernel_size, dilation=1, rpb=None, scale=None) -> Capability:
-    verdict = can_run_triton_on(q, k, v)
+    verdict = dispatch.can_run_triton_on(q, k, v)
     if not verdict:
         return verdict
     if rpb is not None and (rpb.device != q.device or not rpb.is_floating_point()):
@@ -325,7 +316,10 @@ def can_run_triton(q, k, v, kernel_size, dilation=1, rpb=None, scale=None) -> Ca
 
 
 @_op.register(
-    "triton", can_run_triton, declares=triton_support(("rpb", "float32_rpb", "dilation")), auto_devices=("cuda",)
+    "triton",
+    can_run_triton,
+    declares=dispatch.triton_support(("rpb", "float32_rpb", "dilation")),
+    auto_devices=("cuda",),
 )
 def neighborhood_attention_triton(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
     from .triton_neighborhood import neighborhood_attention_triton as fused  # imports triton: only when called
@@ -373,7 +367,7 @@ def neighborhood_attention(
     dilation: int = 1,
     rpb: torch.Tensor | None = None,
     scale: float | None = None,
-    backend: str = AUTO,
+    backend: str = dispatch.AUTO,
 ) -> torch.Tensor:
     """Each query attends to its (dilated) ``kernel_size x kernel_size`` neighbourhood.
 

@@ -38,17 +38,8 @@ import functools
 
 import torch
 
-from .dispatch import (
-    AUTO,
-    SINGLE_AND_HALF,
-    Capability,
-    KernelOp,
-    Support,
-    can_run_triton_on,
-    is_exporting,
-    needs_grad,
-    triton_support,
-)
+from . import dispatch
+from .dispatch import Capability, Support
 from .geometry import check_grid as _check_grid
 from .geometry import regions as _regions
 from .geometry import route_regions
@@ -173,7 +164,7 @@ def bilevel_routing_attention_reference(q, k, v, n_win, topk, scale=None, valid_
     height, width = q.shape[2], q.shape[3]
     scale, index, valid = _route(q, k, n_win, topk, scale, valid_size)
     q_r, k_r, v_r = _regions(q, n_win), _regions(k, n_win), _regions(v, n_win)
-    if needs_grad(q, k, v) and not is_exporting():
+    if dispatch.needs_grad(q, k, v) and not dispatch.is_exporting():
         out = _RoutingAttention.apply(q_r, k_r, v_r, index, valid, scale)
     else:
         out = _attend(q_r, k_r, v_r, index, valid, scale)[0]
@@ -208,7 +199,7 @@ def bilevel_routing_attention_weights(q, k, n_win, topk, scale=None, valid_size=
     return _unregions(weights, n_win, height, width), _unregions(keys, n_win, height, width)[:, 0]
 
 
-_op = KernelOp(
+_op = dispatch.KernelOp(
     "bilevel_routing_attention",
     bilevel_routing_attention_reference,
     priority=("flex", "triton"),
@@ -218,7 +209,7 @@ _op = KernelOp(
 
 
 def can_run_flex(q, k, v, n_win, topk, scale=None, valid_size=None) -> Capability:
-    if q.device.type != "cuda" and needs_grad(q, k, v):
+    if q.device.type != "cuda" and dispatch.needs_grad(q, k, v):
         return Capability.no(f"flex_attention on {q.device.type} is forward-only")
     if not q.dtype == k.dtype == v.dtype:
         return Capability.no("mixed dtypes")
@@ -240,7 +231,7 @@ def _compiled_flex_attention():
 @_op.register(
     "flex",
     can_run_flex,
-    declares=Support(("cpu", "cuda"), SINGLE_AND_HALF, ("cuda",), ("valid_size",)),
+    declares=Support(("cpu", "cuda"), dispatch.SINGLE_AND_HALF, ("cuda",), ("valid_size",)),
     auto_devices=(),
 )
 def bilevel_routing_attention_flex(q, k, v, n_win, topk, scale=None, valid_size=None):
@@ -304,7 +295,7 @@ def bilevel_routing_attention(
     topk: int,
     scale: float | None = None,
     valid_size: tuple[int, int] | None = None,
-    backend: str = AUTO,
+    backend: str = dispatch.AUTO,
 ) -> torch.Tensor:
     """Each query region attends to the tokens of its ``topk`` most related regions.
 
@@ -325,7 +316,7 @@ def bilevel_routing_attention(
 
 
 def can_run_triton(q, k, v, n_win, topk, scale=None, valid_size=None) -> Capability:
-    verdict = can_run_triton_on(q, k, v)
+    verdict = dispatch.can_run_triton_on(q, k, v)
     if not verdict:
         return verdict
     if k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
@@ -335,7 +326,9 @@ def can_run_triton(q, k, v, n_win, topk, scale=None, valid_size=None) -> Capabil
     return Capability.yes()
 
 
-@_op.register("triton", can_run_triton, declares=triton_support(("valid_size", "value_dim")), auto_devices=("cuda",))
+@_op.register(
+    "triton", can_run_triton, declares=dispatch.triton_support(("valid_size", "value_dim")), auto_devices=("cuda",)
+)
 def bilevel_routing_attention_triton(q, k, v, n_win, topk, scale=None, valid_size=None):
     from .triton_routing import bilevel_routing_attention_triton as fused
 
