@@ -76,9 +76,10 @@ def _routed_keys(routed, start, topk, tokens, n_win, region_h, region_w, valid_h
 
 
 @triton.jit
-def _head(ptr, bh, heads, stride_b, stride_h):
-    """Pointer to the ``(H, W, d)`` map of batch x head ``bh``."""
-    return ptr + (bh // heads).to(tl.int64) * stride_b + (bh % heads).to(tl.int64) * stride_h
+def _head(ptr, strides, bh, heads):
+    """Pointer to the ``(H, W, d)`` map of batch x head ``bh`` of a tensor with ``strides`` (batch, head, row,
+    column)."""
+    return ptr + (bh // heads).to(tl.int64) * strides[0] + (bh % heads).to(tl.int64) * strides[1]
 
 
 @triton.jit
@@ -92,15 +93,22 @@ def _token_mask(keep, BLOCK: tl.constexpr, dim: tl.constexpr):
 
 
 @triton.jit
-def _load_tokens(base, row, col, stride_y, stride_x, keep, BLOCK: tl.constexpr, dim: tl.constexpr):
-    ptrs = base + (row * stride_y + col * stride_x)[:, None] + tl.arange(0, BLOCK)[None, :]
+def _token_ptrs(ptr, strides, bh, heads, row, col, BLOCK: tl.constexpr):
+    """Pointers to channels ``0 .. BLOCK - 1`` of the tokens at ``(row, col)`` of batch x head ``bh``."""
+    tokens = (row * strides[2] + col * strides[3])[:, None]
+    return _head(ptr, strides, bh, heads) + tokens + tl.arange(0, BLOCK)[None, :]
+
+
+@triton.jit
+def _load_tokens(ptr, strides, bh, heads, row, col, keep, BLOCK: tl.constexpr, dim: tl.constexpr):
+    ptrs = _token_ptrs(ptr, strides, bh, heads, row, col, BLOCK)
     return tl.load(ptrs, mask=_token_mask(keep, BLOCK, dim), other=0.0)
 
 
 @triton.jit
-def _store_tokens(base, row, col, stride_y, stride_x, keep, BLOCK: tl.constexpr, dim: tl.constexpr, value):
-    ptrs = base + (row * stride_y + col * stride_x)[:, None] + tl.arange(0, BLOCK)[None, :]
-    tl.store(ptrs, value.to(base.dtype.element_ty), mask=_token_mask(keep, BLOCK, dim))
+def _store_tokens(ptr, strides, bh, heads, row, col, keep, BLOCK: tl.constexpr, dim: tl.constexpr, value):
+    ptrs = _token_ptrs(ptr, strides, bh, heads, row, col, BLOCK)
+    tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=_token_mask(keep, BLOCK, dim))
 
 
 # BLOCK_M tiles queries and BLOCK_N keys in every kernel: (BLOCK_M, BLOCK_N, num_warps).
@@ -133,17 +141,14 @@ _KEY = ["tokens", "topk", "BLOCK_D", "BLOCK_DV"]
 @triton.autotune(_CONFIGS, key=_KEY, prune_configs_by=_PRUNE_QUERY_TILES)
 @triton.jit
 def _forward_kernel(
-    Q, K, V, Out, Lse, Index,
-    sqb, sqh, sqy, sqx, skb, skh, sky, skx, svb, svh, svy, svx, sob, soh, soy, sox,
-    heads, width, valid_h, valid_w, scale, topk,
-    n_win: tl.constexpr, region_h: tl.constexpr, region_w: tl.constexpr, tokens: tl.constexpr, dim: tl.constexpr,
-    dim_v: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    Q, K, V, Out, Lse, Index, sq, sk, sv, so,
+    heads, width, valid_h, valid_w, scale, topk, n_win: tl.constexpr, region_h: tl.constexpr, region_w: tl.constexpr,
+    tokens: tl.constexpr, dim: tl.constexpr, dim_v: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     region, bh, q_row, q_col, q_in = _region_tile(tokens, n_win, region_h, region_w, BLOCK_M)
     scale_log2 = scale * LOG2E_JIT
-    q = _load_tokens(_head(Q, bh, heads, sqb, sqh), q_row, q_col, sqy, sqx, q_in, BLOCK_D, dim)
-    k_head, v_head = _head(K, bh, heads, skb, skh), _head(V, bh, heads, svb, svh)
+    q = _load_tokens(Q, sq, bh, heads, q_row, q_col, q_in, BLOCK_D, dim)
     routed = Index + ((bh // heads) * n_win * n_win + region) * topk
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -153,12 +158,12 @@ def _forward_kernel(
         k_row, k_col, keep = _routed_keys(
             routed, start, topk, tokens, n_win, region_h, region_w, valid_h, valid_w, BLOCK_N
         )
-        k = _load_tokens(k_head, k_row, k_col, sky, skx, keep, BLOCK_D, dim)
+        k = _load_tokens(K, sk, bh, heads, k_row, k_col, keep, BLOCK_D, dim)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        v = _load_tokens(v_head, k_row, k_col, svy, svx, keep, BLOCK_DV, dim_v)
+        v = _load_tokens(V, sv, bh, heads, k_row, k_col, keep, BLOCK_DV, dim_v)
         m, total, acc = online_softmax(m, total, acc, tl.where(keep[None, :], s, float("-inf")), v, PRECISION)
     total = tl.where(total == 0.0, 1.0, total)
-    _store_tokens(_head(Out, bh, heads, sob, soh), q_row, q_col, soy, sox, q_in, BLOCK_DV, dim_v, acc / total[:, None])
+    _store_tokens(Out, so, bh, heads, q_row, q_col, q_in, BLOCK_DV, dim_v, acc / total[:, None])
     lse = tl.where(m == float("-inf"), 0.0, m) + tl.log2(total)
     tl.store(Lse + bh.to(tl.int64) * tokens * n_win * n_win + q_row * width + q_col, lse, mask=q_in)
 
@@ -166,23 +171,19 @@ def _forward_kernel(
 @triton.autotune(_CONFIGS, key=_KEY, prune_configs_by=_PRUNE_QUERY_TILES)
 @triton.jit
 def _backward_query_kernel(
-    Q, K, V, Out, GradOut, GradQ, Lse, Delta, Index,
-    sqb, sqh, sqy, sqx, skb, skh, sky, skx, svb, svh, svy, svx, sob, soh, soy, sox,
-    sgb, sgh, sgy, sgx, sdb, sdh, sdy, sdx,
-    heads, width, valid_h, valid_w, scale, topk,
-    n_win: tl.constexpr, region_h: tl.constexpr, region_w: tl.constexpr, tokens: tl.constexpr, dim: tl.constexpr,
-    dim_v: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    Q, K, V, Out, GradOut, GradQ, Lse, Delta, Index, sq, sk, sv, so, sg, sdq,
+    heads, width, valid_h, valid_w, scale, topk, n_win: tl.constexpr, region_h: tl.constexpr, region_w: tl.constexpr,
+    tokens: tl.constexpr, dim: tl.constexpr, dim_v: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     region, bh, q_row, q_col, q_in = _region_tile(tokens, n_win, region_h, region_w, BLOCK_M)
-    q = _load_tokens(_head(Q, bh, heads, sqb, sqh), q_row, q_col, sqy, sqx, q_in, BLOCK_D, dim)
-    out = _load_tokens(_head(Out, bh, heads, sob, soh), q_row, q_col, soy, sox, q_in, BLOCK_DV, dim_v)
-    grad_out = _load_tokens(_head(GradOut, bh, heads, sgb, sgh), q_row, q_col, sgy, sgx, q_in, BLOCK_DV, dim_v)
+    q = _load_tokens(Q, sq, bh, heads, q_row, q_col, q_in, BLOCK_D, dim)
+    out = _load_tokens(Out, so, bh, heads, q_row, q_col, q_in, BLOCK_DV, dim_v)
+    grad_out = _load_tokens(GradOut, sg, bh, heads, q_row, q_col, q_in, BLOCK_DV, dim_v)
     delta = tl.sum(out.to(tl.float32) * grad_out.to(tl.float32), 1)
     rows = bh.to(tl.int64) * tokens * n_win * n_win + q_row * width + q_col
     tl.store(Delta + rows, delta, mask=q_in)
     lse = tl.load(Lse + rows, mask=q_in, other=0.0)
-    k_head, v_head = _head(K, bh, heads, skb, skh), _head(V, bh, heads, svb, svh)
     routed = Index + ((bh // heads) * n_win * n_win + region) * topk
     scale_log2 = scale * LOG2E_JIT
 
@@ -191,31 +192,27 @@ def _backward_query_kernel(
         k_row, k_col, keep = _routed_keys(
             routed, start, topk, tokens, n_win, region_h, region_w, valid_h, valid_w, BLOCK_N
         )
-        k = _load_tokens(k_head, k_row, k_col, sky, skx, keep, BLOCK_D, dim)
-        v = _load_tokens(v_head, k_row, k_col, svy, svx, keep, BLOCK_DV, dim_v)
+        k = _load_tokens(K, sk, bh, heads, k_row, k_col, keep, BLOCK_D, dim)
+        v = _load_tokens(V, sv, bh, heads, k_row, k_col, keep, BLOCK_DV, dim_v)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         p = tl.where(keep[None, :], tl.exp2(s - lse[:, None]), 0.0)
         ds = p * (tl.dot(grad_out, tl.trans(v), input_precision=PRECISION) - delta[:, None])
         grad_q = tl.dot(ds.to(k.dtype), k, grad_q, input_precision=PRECISION)
-    _store_tokens(_head(GradQ, bh, heads, sdb, sdh), q_row, q_col, sdy, sdx, q_in, BLOCK_D, dim, grad_q * scale)
+    _store_tokens(GradQ, sdq, bh, heads, q_row, q_col, q_in, BLOCK_D, dim, grad_q * scale)
 
 
 @triton.autotune(_CONFIGS, key=_KEY, prune_configs_by=_PRUNE_KEY_TILES)
 @triton.jit
 def _backward_key_kernel(
-    Q, K, V, GradOut, GradK, GradV, Lse, Delta, Queries, Starts,
-    sqb, sqh, sqy, sqx, skb, skh, sky, skx, svb, svh, svy, svx, sgb, sgh, sgy, sgx,
-    sdkb, sdkh, sdky, sdkx, sdvb, sdvh, sdvy, sdvx,
-    heads, width, valid_h, valid_w, scale, topk,
-    n_win: tl.constexpr, region_h: tl.constexpr, region_w: tl.constexpr, tokens: tl.constexpr, dim: tl.constexpr,
-    dim_v: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    Q, K, V, GradOut, GradK, GradV, Lse, Delta, Queries, Starts, sq, sk, sv, sg, sdk, sdv,
+    heads, width, valid_h, valid_w, scale, topk, n_win: tl.constexpr, region_h: tl.constexpr, region_w: tl.constexpr,
+    tokens: tl.constexpr, dim: tl.constexpr, dim_v: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     region, bh, k_row, k_col, k_in = _region_tile(tokens, n_win, region_h, region_w, BLOCK_N)
     keep = k_in & (k_row < valid_h) & (k_col < valid_w)
-    k = _load_tokens(_head(K, bh, heads, skb, skh), k_row, k_col, sky, skx, keep, BLOCK_D, dim)
-    v = _load_tokens(_head(V, bh, heads, svb, svh), k_row, k_col, svy, svx, keep, BLOCK_DV, dim_v)
-    q_head, g_head = _head(Q, bh, heads, sqb, sqh), _head(GradOut, bh, heads, sgb, sgh)
+    k = _load_tokens(K, sk, bh, heads, k_row, k_col, keep, BLOCK_D, dim)
+    v = _load_tokens(V, sv, bh, heads, k_row, k_col, keep, BLOCK_DV, dim_v)
     stats = bh.to(tl.int64) * tokens * n_win * n_win
     batch_row = (bh // heads) * n_win * n_win
     first = tl.load(Starts + batch_row + (bh // heads) + region)
@@ -228,8 +225,8 @@ def _backward_key_kernel(
     for start in range(0, count * tokens, BLOCK_M):
         i = start + tl.arange(0, BLOCK_M)
         q_row, q_col, listed = _listed_tokens(routing, i, count, tokens, n_win, region_h, region_w)
-        q = _load_tokens(q_head, q_row, q_col, sqy, sqx, listed, BLOCK_D, dim)
-        grad_out = _load_tokens(g_head, q_row, q_col, sgy, sgx, listed, BLOCK_DV, dim_v)
+        q = _load_tokens(Q, sq, bh, heads, q_row, q_col, listed, BLOCK_D, dim)
+        grad_out = _load_tokens(GradOut, sg, bh, heads, q_row, q_col, listed, BLOCK_DV, dim_v)
         rows = stats + q_row * width + q_col
         lse = tl.load(Lse + rows, mask=listed, other=0.0)
         delta = tl.load(Delta + rows, mask=listed, other=0.0)
@@ -238,8 +235,8 @@ def _backward_key_kernel(
         grad_v = tl.dot(p_t.to(grad_out.dtype), grad_out, grad_v, input_precision=PRECISION)
         ds_t = p_t * (tl.dot(v, tl.trans(grad_out), input_precision=PRECISION) - delta[None, :])
         grad_k = tl.dot(ds_t.to(q.dtype), q, grad_k, input_precision=PRECISION)
-    _store_tokens(_head(GradK, bh, heads, sdkb, sdkh), k_row, k_col, sdky, sdkx, k_in, BLOCK_D, dim, grad_k * scale)
-    _store_tokens(_head(GradV, bh, heads, sdvb, sdvh), k_row, k_col, sdvy, sdvx, k_in, BLOCK_DV, dim_v, grad_v)
+    _store_tokens(GradK, sdk, bh, heads, k_row, k_col, k_in, BLOCK_D, dim, grad_k * scale)
+    _store_tokens(GradV, sdv, bh, heads, k_row, k_col, k_in, BLOCK_DV, dim_v, grad_v)
 
 
 def _heads_last(like: torch.Tensor, dim: int) -> torch.Tensor:
@@ -248,8 +245,9 @@ def _heads_last(like: torch.Tensor, dim: int) -> torch.Tensor:
     return like.new_empty(batch, height, width, heads, dim).permute(0, 3, 1, 2, 4)
 
 
-def _strides(*tensors: torch.Tensor) -> list[int]:
-    return [s for t in tensors for s in t.stride()[:4]]
+def _strides(*tensors: torch.Tensor) -> list[tuple[int, ...]]:
+    """Each tensor's (batch, head, row, column) strides, one tuple argument of the kernels each."""
+    return [t.stride()[:4] for t in tensors]
 
 
 def _shared_args(q, v, index, n_win: int, valid_size: tuple[int, int], scale: float) -> dict:
