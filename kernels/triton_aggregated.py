@@ -35,19 +35,20 @@ __all__ = ["aggregated_attention_triton"]
 
 
 @triton.jit
-def _query_tile(heads, height, width, BLOCK_M: tl.constexpr):
-    """This program's (batch, head) and head, its tile of query rows (flat tokens), which are real, and their
-    row and column in the map."""
-    bh = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    return bh, bh % heads, rows, rows < height * width, rows // width, rows % width
-
-
-@triton.jit
 def _lanes(BLOCK: tl.constexpr, count):
     """Lanes ``0 .. BLOCK - 1`` and which of them are below ``count``."""
     lanes = tl.arange(0, BLOCK)
     return lanes, lanes < count
+
+
+@triton.jit
+def _query_tile(heads, height, width, head_dim, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (batch, head) and head; its tile of query rows (flat tokens), which are real, and their
+    row and column in the map; the channel lanes, and which are real."""
+    bh = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d, d_ok = _lanes(BLOCK_D, head_dim)
+    return bh, bh % heads, rows, rows < height * width, rows // width, rows % width, d, d_ok
 
 
 @triton.jit
@@ -115,14 +116,12 @@ _KEY = ["head_dim", "pool_len"]
 @triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _aggregated_fwd(
-    QH, QN, K, V, KP, VP, RPB, PB, TOK, TOKB, OUT, LSE,
-    heads, height, width, pool_len, head_dim,
+    QH, QN, K, V, KP, VP, RPB, PB, TOK, TOKB, OUT, LSE, heads, height, width, pool_len, head_dim,
     WINDOW: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    bh, head, rows, row_ok, y, x = _query_tile(heads, height, width, BLOCK_M)
+    bh, head, rows, row_ok, y, x, d, d_ok = _query_tile(heads, height, width, head_dim, BLOCK_M, BLOCK_D)
     tokens, local_len = height * width, WINDOW * WINDOW
-    d, d_ok = _lanes(BLOCK_D, head_dim)
     row_base = bh * tokens * head_dim
     K, V, QH, QN = K + row_base, V + row_base, QH + row_base, QN + row_base
     KP, VP = KP + bh * pool_len * head_dim, VP + bh * pool_len * head_dim
@@ -173,14 +172,12 @@ def _aggregated_fwd(
 @triton.jit
 def _aggregated_bwd_query(
     QH, QN, K, V, KP, VP, RPB, PB, TOK, TOKB, OUT, DOUT, LSE,
-    DELTA, DQH, DQN, DKP, DVP, DRPB, DPB, DTOK, DTOKB,
-    heads, height, width, pool_len, head_dim,
+    DELTA, DQH, DQN, DKP, DVP, DRPB, DPB, DTOK, DTOKB, heads, height, width, pool_len, head_dim,
     WINDOW: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    bh, head, rows, row_ok, y, x = _query_tile(heads, height, width, BLOCK_M)
+    bh, head, rows, row_ok, y, x, d, d_ok = _query_tile(heads, height, width, head_dim, BLOCK_M, BLOCK_D)
     tokens, local_len = height * width, WINDOW * WINDOW
-    d, d_ok = _lanes(BLOCK_D, head_dim)
     cols, cols_ok = _lanes(BLOCK_W, local_len)
     row_base = bh * tokens * head_dim
     K, V, KP, VP = K + row_base, V + row_base, KP + bh * pool_len * head_dim, VP + bh * pool_len * head_dim
@@ -249,13 +246,12 @@ def _aggregated_bwd_query(
 @triton.autotune(_BWD_KEY_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _aggregated_bwd_key(
-    QH, QN, K, V, RPB, TOK, TOKB, DOUT, LSE, DELTA, DK, DV,
-    heads, height, width, pool_len, head_dim,
+    QH, QN, K, V, RPB, TOK, TOKB, DOUT, LSE, DELTA, DK, DV, heads, height, width, pool_len, head_dim,
     WINDOW: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    bh, head, rows, row_ok, y, x = _query_tile(heads, height, width, BLOCK_M)  # here the rows are keys
+    # here the rows are keys
+    bh, head, rows, row_ok, y, x, d, d_ok = _query_tile(heads, height, width, head_dim, BLOCK_M, BLOCK_D)
     tokens, local_len = height * width, WINDOW * WINDOW
-    d, d_ok = _lanes(BLOCK_D, head_dim)
     row_base = bh * tokens * head_dim
     QH, QN, DOUT = QH + row_base, QN + row_base, DOUT + row_base
     LSE, DELTA = LSE + bh * tokens, DELTA + bh * tokens
