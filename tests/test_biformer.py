@@ -8,7 +8,6 @@ checkpoint loaded through ``checkpoint_filter_fn`` must give the same logits.
 
 import os
 
-import pytest
 import timm
 import torch
 import torch.nn.functional as F
@@ -156,14 +155,6 @@ def test_official_checkpoint_loads_and_matches_official_forward(load_official):
     x = torch.randn(1, 3, 224, 224, dtype=torch.float64)  # the official code needs maps divisible by 7
     with torch.no_grad():
         torch.testing.assert_close(model(x), official_forward("shallow", official, x), atol=1e-9, rtol=1e-9)
-
-
-def test_foreign_checkpoint_lists_missing_and_unexpected_keys(load_official):
-    official = official_state_dict("biformer_tiny", torch.Generator().manual_seed(0))
-    official["stages.0.0.attn.extra"] = torch.zeros(1)
-    del official["stages.3.1.mlp.3.bias"]
-    with pytest.raises(RuntimeError, match=r"(?s)Missing key.*stages\.3\.blocks\.1\.mlp\.fc2\.bias.*Unexpected"):
-        load_official("biformer_tiny", official)
 
 
 def test_pretrained_cfg_points_at_the_official_release():

@@ -5,6 +5,7 @@ pretrained cfgs, ``backbones/papers.py``), checkpoints of our own layout through
 Comparisons with the official forward passes stay in the family test modules.
 """
 
+import re
 import sys
 
 import pytest
@@ -51,6 +52,16 @@ def test_filter_passes_our_own_layout_through(name):
     ours = model.state_dict()
     for checkpoint in (ours, {"model": ours}, {"state_dict": ours}):
         assert checkpoint_filter_fn(checkpoint, model).keys() == ours.keys()
+
+
+@pytest.mark.parametrize("name", FAMILY_MODELS)
+def test_foreign_checkpoint_lists_missing_and_unexpected_keys(name, load_official):
+    checkpoint = timm.create_model(name).state_dict()
+    missing = list(checkpoint)[-1]
+    del checkpoint[missing]
+    checkpoint["stages.0.foreign.weight"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match=rf"(?s)Missing key.*{re.escape(missing)}.*Unexpected.*stages\.0\.foreign"):
+        load_official(name, checkpoint)
 
 
 # model, kwargs, input size, a parameter of the family's own mixer, parameters spared weight decay
