@@ -109,3 +109,12 @@ def test_pad_to_minimum_size(min_size, multiple, expected):
 def test_pad_to_multiple_rejects_non_positive():
     with pytest.raises(ValueError, match="multiple must be positive"):
         pad_to_multiple(torch.zeros(1, 4, 4, 2), 0)
+
+
+def test_size_arguments_out_of_range_are_all_named_in_one_error():
+    with pytest.raises(
+        ValueError, match=r"kernel_size must be odd and positive, got 4; dilation must be positive, got 0"
+    ):
+        create_mixer("neighborhood", 32, kernel_size=4, dilation=0)
+    with pytest.raises(ValueError, match=r"^halo_size must be 0 or more, got -1$"):
+        create_mixer("halo", 32, halo_size=-1)

@@ -244,7 +244,7 @@ def test_routing_mixer_any_size_masks_padding(size):
 
 def test_routing_mixer_rejects_bad_arguments():
     for kwargs in ({"topk": 0}, {"n_win": 0}):
-        with pytest.raises(ValueError, match="n_win and topk must be positive"):
+        with pytest.raises(ValueError, match=f"{next(iter(kwargs))} must be positive, got 0"):
             create_mixer("routing", 32, **kwargs)
     with pytest.raises(ValueError, match="side_dwconv must be 0 or an odd size"):
         create_mixer("routing", 32, side_dwconv=4)

@@ -25,7 +25,7 @@ from visionzoo.kernels import adaptive_avg_pool, aggregated_attention, dense_att
 from visionzoo.kernels.aggregated import empty_pool_cells
 from visionzoo.kernels.windows import sym_max
 
-from .registry import HeadedMixer, register_mixer
+from .registry import HeadedMixer, check_sizes, register_mixer
 
 __all__ = ["AggregatedAttention", "CosineGlobalAttention"]
 
@@ -135,8 +135,7 @@ class AggregatedAttention(_LengthScaledCosineAttention):
         backend: str = "auto",
     ):
         super().__init__(dim, num_heads, pretrain_size, head_dim, backend)
-        if window_size < 1 or window_size % 2 == 0 or sr_ratio < 1:
-            raise ValueError(f"window_size must be odd and sr_ratio positive, got {window_size} and {sr_ratio}")
+        check_sizes(odd={"window_size": window_size}, positive={"sr_ratio": sr_ratio})
         self.window_size, self.sr_ratio = window_size, sr_ratio
         self.min_size = (sr_ratio, sr_ratio)
         local_len = window_size**2

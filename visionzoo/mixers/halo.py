@@ -8,7 +8,7 @@ from torch import nn
 
 from visionzoo.kernels import halo_attention
 
-from .registry import HeadedMixer, register_mixer
+from .registry import HeadedMixer, check_sizes, register_mixer
 
 __all__ = ["HaloAttention"]
 
@@ -46,8 +46,7 @@ class HaloAttention(HeadedMixer):
         backend: str = "auto",
     ):
         super().__init__(dim, num_heads, head_dim, backend)
-        if block_size < 1 or halo_size < 0:
-            raise ValueError(f"block_size must be positive and halo_size non-negative, got {block_size}, {halo_size}")
+        check_sizes(positive={"block_size": block_size}, non_negative={"halo_size": halo_size})
         self.block_size, self.halo_size = block_size, halo_size
         window = block_size + 2 * halo_size
         self.q = nn.Linear(dim, dim, bias=qkv_bias)

@@ -8,7 +8,7 @@ from torch import nn
 
 from visionzoo.kernels import crop_map, neighborhood_attention, neighborhood_attention_weights
 
-from .registry import MultiHeadMixer, query_map, register_mixer
+from .registry import MultiHeadMixer, check_sizes, query_map, register_mixer
 
 __all__ = ["NeighborhoodAttention"]
 
@@ -44,8 +44,7 @@ class NeighborhoodAttention(MultiHeadMixer):
         backend: str = "auto",
     ):
         super().__init__(dim, num_heads, head_dim, qkv_bias, backend)
-        if kernel_size < 1 or kernel_size % 2 == 0 or dilation < 1:
-            raise ValueError(f"kernel_size must be odd and dilation positive, got {kernel_size} and {dilation}")
+        check_sizes(odd={"kernel_size": kernel_size}, positive={"dilation": dilation})
         self.kernel_size, self.dilation = kernel_size, dilation
         self.scale = self.head_dim**-0.5
         if rel_pos_bias:

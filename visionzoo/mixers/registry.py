@@ -75,6 +75,28 @@ class TokenMixer(nn.Module):
         return self.mix(x)
 
 
+def check_sizes(
+    odd: dict[str, int] | None = None,
+    positive: dict[str, int] | None = None,
+    non_negative: dict[str, int] | None = None,
+) -> None:
+    """One ``ValueError`` naming every size argument out of its range: ``odd`` ones must be odd and positive
+    (window sides with a centre), ``positive`` ones at least 1, ``non_negative`` ones at least 0."""
+    rules = (
+        ("odd and positive", odd, lambda size: size >= 1 and size % 2 == 1),
+        ("positive", positive, lambda size: size >= 1),
+        ("0 or more", non_negative, lambda size: size >= 0),
+    )
+    wrong = [
+        f"{name} must be {rule}, got {size}"
+        for rule, sizes, ok in rules
+        for name, size in (sizes or {}).items()
+        if not ok(size)
+    ]
+    if wrong:
+        raise ValueError("; ".join(wrong))
+
+
 def resolve_num_heads(dim: int, num_heads: int | None, head_dim: int) -> int:
     """``num_heads``, or ``dim // head_dim`` when None; ``dim`` must split evenly into the heads."""
     heads = num_heads or max(dim // head_dim, 1)

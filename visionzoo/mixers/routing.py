@@ -8,7 +8,7 @@ from torch import nn
 from visionzoo.kernels import bilevel_routing_attention, bilevel_routing_attention_weights, crop_map
 
 from .global_attention import DenseAttentionMixer
-from .registry import MultiHeadMixer, query_map, register_mixer
+from .registry import MultiHeadMixer, check_sizes, query_map, register_mixer
 
 __all__ = ["GlobalLePEAttention", "RoutingAttention"]
 
@@ -59,8 +59,7 @@ class RoutingAttention(MultiHeadMixer):
         backend: str = "auto",
     ):
         super().__init__(dim, num_heads, head_dim, qkv_bias, backend)
-        if n_win < 1 or topk < 1:
-            raise ValueError(f"n_win and topk must be positive, got n_win={n_win} and topk={topk}")
+        check_sizes(positive={"n_win": n_win, "topk": topk})
         self.n_win, self.topk = n_win, topk
         self.scale = dim**-0.5
         self.lepe = _lepe_conv(dim, side_dwconv)
