@@ -31,28 +31,31 @@ def _window_start(position, length, KS: tl.constexpr):
 
 @triton.jit
 def _group_geometry(H, W, DIL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Dilation group of this program, its sub-grid size, and the first row and column of the program's tile."""
-    group = tl.program_id(2)
-    group_row, group_col = group // DIL, group % DIL
+    """Dilation group of this program (its first row and column in the map), its sub-grid size, and the first
+    row and column of the program's tile."""
+    group_row, group_col = tl.program_id(2) // DIL, tl.program_id(2) % DIL
     rows, cols = tl.cdiv(H - group_row, DIL), tl.cdiv(W - group_col, DIL)
     tiles_per_row = tl.cdiv(tl.cdiv(W, DIL), BLOCK_W)
     tile = tl.program_id(0)
-    return group_row, group_col, rows, cols, (tile // tiles_per_row) * BLOCK_H, (tile % tiles_per_row) * BLOCK_W
+    return (group_row, group_col), rows, cols, (tile // tiles_per_row) * BLOCK_H, (tile % tiles_per_row) * BLOCK_W
 
 
 @triton.jit
-def _head(RPB, HEADS, H, W, KS: tl.constexpr):
-    """This program's head, the offset of its ``(H * W)`` map of one value per token, and its RPB table."""
+def _head(RPB, HEADS, H, W, D, KS: tl.constexpr):
+    """This program's head, the offsets of its ``(H * W)`` map of one value per token and of its ``(H * W, D)``
+    map of vectors, and its RPB table."""
     bh = tl.program_id(1)
     head = bh % HEADS
-    return head, bh.to(tl.int64) * H * W, RPB + head * (2 * KS - 1) * (2 * KS - 1)
+    stats = bh.to(tl.int64) * H * W
+    return head, stats, stats * D, RPB + head * (2 * KS - 1) * (2 * KS - 1)
 
 
 @triton.jit
-def _tile(row0, col0, row_end, col_end, group_row, group_col, W, DIL: tl.constexpr, BLOCK_H: tl.constexpr,
-          BLOCK_W: tl.constexpr):  # fmt: skip
+def _tile(row0, col0, row_end, col_end, group, W, DIL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     """Sub-grid rows and columns of a ``BLOCK_H x BLOCK_W`` tile from ``(row0, col0)``, which of them lie
-    before ``(row_end, col_end)``, and their flat positions in the full ``H x W`` map."""
+    before ``(row_end, col_end)``, and their flat positions in the full ``H x W`` map (``group``: the
+    sub-grid's first row and column there)."""
+    group_row, group_col = group
     offsets = tl.arange(0, BLOCK_H * BLOCK_W)
     row, col = row0 + offsets // BLOCK_W, col0 + offsets % BLOCK_W
     valid = (row < row_end) & (col < col_end)
@@ -138,24 +141,23 @@ def _forward_kernel(
     KS: tl.constexpr, DIL: tl.constexpr, HAS_RPB: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     BQ_H: tl.constexpr, BQ_W: tl.constexpr, BK_H: tl.constexpr, BK_W: tl.constexpr,
 ):  # fmt: skip
-    group_row, group_col, rows, cols, row0, col0 = _group_geometry(H, W, DIL, BQ_H, BQ_W)
-    _, stats, rpb = _head(RPB, HEADS, H, W, KS)
-    base = stats * D
+    """Output and base-2 log-sum-exp per query tile: one online softmax over the key tiles that the tile's
+    windows cover, each masked to the windows and biased by the RPB."""
+    group, rows, cols, row0, col0 = _group_geometry(H, W, DIL, BQ_H, BQ_W)
+    _, stats, base, rpb = _head(RPB, HEADS, H, W, D, KS)
     dims = tl.arange(0, BLOCK_D)
-    q_row, q_col, q_valid, q_token = _tile(row0, col0, rows, cols, group_row, group_col, W, DIL, BQ_H, BQ_W)
+    q_row, q_col, q_valid, q_token = _tile(row0, col0, rows, cols, group, W, DIL, BQ_H, BQ_W)
+    row_lo, row_hi = _key_range(row0, rows, BQ_H, KS)  # the keys the tile's windows cover
+    col_lo, col_hi = _key_range(col0, cols, BQ_W, KS)
     start_row, start_col = _window_start(q_row, rows, KS), _window_start(q_col, cols, KS)
     q = load_rows(Q + base, q_token, q_valid, dims, D)
-    row_lo, row_hi = _key_range(row0, rows, BQ_H, KS)
-    col_lo, col_hi = _key_range(col0, cols, BQ_W, KS)
 
     m = tl.full([BQ_H * BQ_W], float("-inf"), tl.float32)  # running max and sum of the softmax, base 2
     total = tl.zeros([BQ_H * BQ_W], tl.float32)
     acc = tl.zeros([BQ_H * BQ_W, BLOCK_D], tl.float32)
     for key_row0 in range(row_lo, row_hi, BK_H):
         for key_col0 in range(col_lo, col_hi, BK_W):
-            k_row, k_col, k_valid, k_token = _tile(
-                key_row0, key_col0, row_hi, col_hi, group_row, group_col, W, DIL, BK_H, BK_W
-            )
+            k_row, k_col, k_valid, k_token = _tile(key_row0, key_col0, row_hi, col_hi, group, W, DIL, BK_H, BK_W)
             k = load_rows(K + base, k_token, k_valid, dims, D)
             logits, _ = _query_logits(
                 q, k, q_row, q_col, start_row, start_col, q_valid, k_row, k_col, rpb, qk_scale, KS, HAS_RPB, PRECISION
@@ -177,11 +179,10 @@ def _backward_query_kernel(
 ):  # fmt: skip
     """dQ per query tile, the softmax's ``delta = rowsum(dO * O)`` for the dK/dV pass, and dS per window
     position for the RPB gradient."""
-    group_row, group_col, rows, cols, row0, col0 = _group_geometry(H, W, DIL, BQ_H, BQ_W)
-    head, stats, rpb = _head(RPB, HEADS, H, W, KS)
-    base = stats * D
+    group, rows, cols, row0, col0 = _group_geometry(H, W, DIL, BQ_H, BQ_W)
+    head, stats, base, rpb = _head(RPB, HEADS, H, W, D, KS)
     dims = tl.arange(0, BLOCK_D)
-    q_row, q_col, q_valid, q_token = _tile(row0, col0, rows, cols, group_row, group_col, W, DIL, BQ_H, BQ_W)
+    q_row, q_col, q_valid, q_token = _tile(row0, col0, rows, cols, group, W, DIL, BQ_H, BQ_W)
     start_row, start_col = _window_start(q_row, rows, KS), _window_start(q_col, cols, KS)
     q = load_rows(Q + base, q_token, q_valid, dims, D)
     do = load_rows(DOut + base, q_token, q_valid, dims, D)
@@ -197,9 +198,7 @@ def _backward_query_kernel(
     dq = tl.zeros([BQ_H * BQ_W, BLOCK_D], tl.float32)
     for key_row0 in range(row_lo, row_hi, BK_H):
         for key_col0 in range(col_lo, col_hi, BK_W):
-            k_row, k_col, k_valid, k_token = _tile(
-                key_row0, key_col0, row_hi, col_hi, group_row, group_col, W, DIL, BK_H, BK_W
-            )
+            k_row, k_col, k_valid, k_token = _tile(key_row0, key_col0, row_hi, col_hi, group, W, DIL, BK_H, BK_W)
             k = load_rows(K + base, k_token, k_valid, dims, D)
             v = load_rows(V + base, k_token, k_valid, dims, D)
             logits, in_window = _query_logits(
@@ -223,11 +222,10 @@ def _backward_key_kernel(
     BQ_H: tl.constexpr, BQ_W: tl.constexpr, BK_H: tl.constexpr, BK_W: tl.constexpr,
 ):  # fmt: skip
     """dK and dV per key tile, over the rectangle of queries whose windows reach the tile."""
-    group_row, group_col, rows, cols, row0, col0 = _group_geometry(H, W, DIL, BK_H, BK_W)
-    _, stats, rpb = _head(RPB, HEADS, H, W, KS)
-    base = stats * D
+    group, rows, cols, row0, col0 = _group_geometry(H, W, DIL, BK_H, BK_W)
+    _, stats, base, rpb = _head(RPB, HEADS, H, W, D, KS)
     dims = tl.arange(0, BLOCK_D)
-    k_row, k_col, k_valid, k_token = _tile(row0, col0, rows, cols, group_row, group_col, W, DIL, BK_H, BK_W)
+    k_row, k_col, k_valid, k_token = _tile(row0, col0, rows, cols, group, W, DIL, BK_H, BK_W)
     k = load_rows(K + base, k_token, k_valid, dims, D)
     v = load_rows(V + base, k_token, k_valid, dims, D)
     row_lo, row_hi = _query_range(row0, rows, BK_H, KS)
@@ -237,9 +235,7 @@ def _backward_key_kernel(
     dv = tl.zeros([BK_H * BK_W, BLOCK_D], tl.float32)
     for query_row0 in range(row_lo, row_hi, BQ_H):
         for query_col0 in range(col_lo, col_hi, BQ_W):
-            q_row, q_col, q_valid, q_token = _tile(
-                query_row0, query_col0, row_hi, col_hi, group_row, group_col, W, DIL, BQ_H, BQ_W
-            )
+            q_row, q_col, q_valid, q_token = _tile(query_row0, query_col0, row_hi, col_hi, group, W, DIL, BQ_H, BQ_W)
             start_row, start_col = _window_start(q_row, rows, KS), _window_start(q_col, cols, KS)
             q = load_rows(Q + base, q_token, q_valid, dims, D)
             do = load_rows(DOut + base, q_token, q_valid, dims, D)

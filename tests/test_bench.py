@@ -15,16 +15,34 @@ def tiny_cases(monkeypatch):
     monkeypatch.setitem(bench.OP_CASES, "dense_attention", [bench.dense_case(1, 2, 16, 8)])
 
 
-def test_bench_op_times_every_backend_against_reference(tiny_cases):
-    rows = bench.bench_op("dense_attention", bench.RunSettings(min_run_time=0.01))
-    assert [(r.mode, r.backend) for r in rows] == [
-        ("forward", "reference"),
-        ("forward", "sdpa"),
-        ("forward+backward", "reference"),
-        ("forward+backward", "sdpa"),
-    ]
+FORWARD, TRAIN = "forward", "forward+backward"
+
+
+@pytest.mark.parametrize(
+    "op, case, expected",
+    [
+        (
+            "dense_attention",
+            bench.dense_case(1, 2, 16, 8),
+            [(FORWARD, "reference"), (FORWARD, "sdpa"), (TRAIN, "reference"), (TRAIN, "sdpa")],
+        ),
+        (  # flex runs forward only on CPU: no training row
+            "neighborhood_attention",
+            bench.neighborhood_case(1, 1, 8, 4, 3, rpb=True),
+            [(FORWARD, "reference"), (FORWARD, "flex"), (FORWARD, "tiled"), (TRAIN, "reference"), (TRAIN, "tiled")],
+        ),
+    ],
+)
+def test_bench_op_times_every_backend_against_reference(monkeypatch, op, case, expected):
+    monkeypatch.setitem(bench.OP_CASES, op, [case])
+    rows = bench.bench_op(op, bench.RunSettings(min_run_time=0.01))
+    assert [(r.mode, r.backend) for r in rows] == expected
     assert all(r.median_ms > 0 and r.speedup > 0 and r.peak_mib is not None for r in rows)
     assert rows[0].speedup == 1.0 and rows[0].dtype == "float32" and rows[0].device == "cpu"
+
+
+def test_bench_op_rows_as_markdown_and_csv(tiny_cases):
+    rows = bench.bench_op("dense_attention", bench.RunSettings(min_run_time=0.01))
     table = bench.format_markdown(rows)
     assert table.count("\n") == len(rows) + 1 and "| dense_attention | heads=2 N=16 d=8 | 1 | cpu |" in table
     stream = io.StringIO()
@@ -53,18 +71,6 @@ def test_bench_backend_filter_keeps_the_reference_baseline(tiny_cases):
 def test_bench_unknown_op_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown kernel op 'nope'"):
         bench.bench_op("nope")
-
-
-def test_forward_only_backends_are_skipped_for_training_on_cpu(monkeypatch):
-    monkeypatch.setitem(bench.OP_CASES, "neighborhood_attention", [bench.neighborhood_case(1, 1, 8, 4, 3, rpb=True)])
-    rows = bench.bench_op("neighborhood_attention", bench.RunSettings(min_run_time=0.01))
-    assert [(r.mode, r.backend) for r in rows] == [
-        ("forward", "reference"),
-        ("forward", "flex"),
-        ("forward", "tiled"),
-        ("forward+backward", "reference"),
-        ("forward+backward", "tiled"),
-    ]
 
 
 def test_cpu_peak_memory_sees_a_large_allocation():
