@@ -185,33 +185,6 @@ def test_ddp_on_two_cpu_processes(fashion_like, tmp_path):
     assert checkpoint["global_step"] == 3
 
 
-def test_recipes_may_only_name_allowed_namespaces(tmp_path, monkeypatch, capsys):
-    marker = tmp_path / "ran"
-    (tmp_path / "outside_namespace.py").write_text(
-        "import pathlib\nfrom lightning.pytorch import Callback\n\n"
-        "class Payload(Callback):\n    def __init__(self, path):\n        pathlib.Path(path).touch()\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    payload = {"class_path": "outside_namespace.Payload", "init_args": {"path": str(marker)}}
-    config = yaml.safe_load(recipe_path("classification/quickstart.yaml").read_text())
-    config["trainer"]["callbacks"] = [payload]
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(config))
-    assert main(["fit", "--config", str(path)]) == 2
-    assert "'outside_namespace.Payload' is outside the namespaces" in capsys.readouterr().err
-    assert "outside_namespace" not in sys.modules, "a recipe file's class was imported before the check"
-
-    quickstart = ["fit", "--config", str(recipe_path("classification/quickstart.yaml"))]
-    assert (
-        main([*quickstart, "--trainer.callbacks+=outside_namespace.Payload", f"--trainer.callbacks.path={marker}"]) == 2
-    )
-    assert "--allow_any_class_path" in capsys.readouterr().err
-    assert not marker.exists(), "an override's class was built"
-    with pytest.raises(SystemExit) as printed:  # the explicit flag lets the file through
-        main(["fit", "--config", str(path), "--allow_any_class_path", "--print_config"])
-    assert printed.value.code == 0 and "outside_namespace.Payload" in capsys.readouterr().out
-
-
 def test_a_recipe_that_cannot_be_built_says_why_in_one_line(tmp_path, capsys):
     quickstart = ["fit", "--config", str(recipe_path("classification/quickstart.yaml"))]
     assert main([*quickstart, f"--data.init_args.root={tmp_path / 'missing'}"]) == 2

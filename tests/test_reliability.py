@@ -83,20 +83,80 @@ def test_sigkill_mid_epoch_then_resume_from_last(tmp_path):
             torch.testing.assert_close(after["ema.module." + key], expected, msg=f"EMA of {key} was not restored")
 
 
-def test_checkpoints_are_renamed_into_place(tmp_path, monkeypatch):
+# Saves a checkpoint with half of its bytes written, then waits to be killed: the fault of both writers below.
+_HALF_WRITTEN = """
+import io, os, sys, time, torch
+from visionzoo.training import AtomicCheckpointIO
+
+real_save = torch.save
+
+
+def save_half_then_hang(obj, file):
+    buffer = io.BytesIO()
+    real_save(obj, buffer)
+    data = buffer.getvalue()
+    file = open(file, "wb") if isinstance(file, (str, os.PathLike)) else file
+    file.write(data[: len(data) // 2])
+    file.flush()
+    print("half written", flush=True)
+    time.sleep(600)
+
+
+torch.save = save_half_then_hang
+checkpoint = {"global_step": 2, "weights": torch.ones(512, 512)}
+if sys.argv[2] == "atomic":
+    AtomicCheckpointIO().save_checkpoint(checkpoint, sys.argv[1])
+else:
+    torch.save(checkpoint, sys.argv[1])
+"""
+
+
+def _killed_while_writing(path: Path, writer: str) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HALF_WRITTEN, str(path), writer], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout.readline().strip() == "half written"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+
+
+def test_sigkill_while_writing_leaves_the_previous_checkpoint_whole(tmp_path):
+    previous = {"global_step": 1, "weights": torch.zeros(512, 512)}
+    atomic, plain = tmp_path / "atomic" / "last.ckpt", tmp_path / "plain" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint(previous, atomic)
+    plain.parent.mkdir()
+    torch.save(previous, plain)
+
+    _killed_while_writing(atomic, "atomic")
+    assert torch.load(atomic, weights_only=True)["global_step"] == 1
+    assert len(list(atomic.parent.glob(".last.ckpt.*.partial"))) == 1  # the killed write's, never read
+    _killed_while_writing(plain, "plain")  # the same fault without the temporary file: the test can fail
+    with pytest.raises(RuntimeError):
+        torch.load(plain, weights_only=True)
+
+    AtomicCheckpointIO().save_checkpoint({"global_step": 3}, atomic)  # the next save clears the leftover
+    assert [p.name for p in atomic.parent.iterdir()] == ["last.ckpt"]
+    assert torch.load(atomic, weights_only=True) == {"global_step": 3}
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint_and_leaves_no_partial_file(tmp_path, monkeypatch):
     io = AtomicCheckpointIO()
     target = tmp_path / "last.ckpt"
     io.save_checkpoint({"step": 1}, target)
-    assert torch.load(target, weights_only=True) == {"step": 1}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    real_save = torch.save
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt  # the process dies while writing
+    def disk_full(obj, file):  # some bytes reach the file, then the disk is full
+        real_save(obj, file)
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
         io.save_checkpoint({"step": 2}, target)
+    monkeypatch.undo()
     assert torch.load(target, weights_only=True) == {"step": 1}, "the previous checkpoint was damaged"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
 def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path):

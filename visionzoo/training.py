@@ -14,9 +14,10 @@ the task gets ``num_classes`` from the data. Unless the recipe says otherwise, a
 
 ``fit`` then tests the best checkpoint when the data has a test split (``--test_after_fit false`` skips it).
 
-Recipes are code: a ``class_path`` names any importable class. Only classes under
-:data:`ALLOWED_NAMESPACES` are accepted, in config files before anything is imported and in the
-parsed configuration before anything is built, unless ``--allow_any_class_path`` is given.
+Recipes are code: a ``class_path`` names any importable class, a ``Callable`` argument any function.
+Only what lies under :data:`visionzoo.allowlist.ALLOWED_NAMESPACES` may be imported, from recipe files,
+command-line overrides and a ``--ckpt_path`` file's hyper-parameters, checked before anything is
+imported (:mod:`visionzoo.allowlist`), unless ``--allow_any_class_path`` is given.
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ import csv
 import math
 import os
 import sys
+import tempfile
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
-import yaml
-from jsonargparse import Namespace
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -39,66 +39,25 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from visionzoo.allowlist import ALLOW_ANY_FLAG, UnsafeRecipeError, check_command_line, check_imports, import_policy
 from visionzoo.data.base import VisionDataModule
 
 __all__ = [
-    "ALLOWED_NAMESPACES",
     "AtomicCheckpointIO",
     "LearningCurves",
     "NonFiniteLossError",
     "RecipeError",
     "StopOnNonFiniteLoss",
-    "UnsafeRecipeError",
     "VisionZooCLI",
-    "check_class_paths",
     "run_cli",
 ]
 
-ALLOWED_NAMESPACES = ("torch", "torchvision", "torchmetrics", "timm", "albumentations", "lightning",
-                      "pytorch_lightning", "visionzoo")  # fmt: skip
-ALLOW_ANY_FLAG = "--allow_any_class_path"
 _DATA_STAGES = ("fit", "validate", "test", "predict")  # subcommands named as LightningDataModule.setup's stages
 
 
 class RecipeError(ValueError):
     """A recipe that cannot be built: the message is the root cause (a missing data path, an empty
     split, a bad transform, ...), without jsonargparse's wrapping."""
-
-
-class UnsafeRecipeError(RecipeError):
-    """A recipe names a class outside :data:`ALLOWED_NAMESPACES`."""
-
-
-def _class_paths(node) -> Iterator[str]:
-    if isinstance(node, Namespace):
-        node = node.as_dict()
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "class_path" and isinstance(value, str):
-                yield value
-            else:
-                yield from _class_paths(value)
-    elif isinstance(node, list | tuple):
-        for item in node:
-            yield from _class_paths(item)
-
-
-def check_class_paths(config, source: str) -> None:
-    """Raise :class:`UnsafeRecipeError` for any ``class_path`` in ``config`` outside the allowed namespaces."""
-    for path in _class_paths(config):
-        if "." in path and path.split(".", 1)[0] not in ALLOWED_NAMESPACES:
-            raise UnsafeRecipeError(
-                f"{source}: class_path {path!r} is outside the namespaces a recipe may use "
-                f"({', '.join(ALLOWED_NAMESPACES)}); recipes are code: pass {ALLOW_ANY_FLAG} to run it anyway"
-            )
-
-
-def _config_files(args: list[str]) -> Iterator[str]:
-    for i, arg in enumerate(args):
-        if arg in ("--config", "-c") and i + 1 < len(args):
-            yield args[i + 1]
-        elif arg.startswith("--config="):
-            yield arg.removeprefix("--config=")
 
 
 class LearningCurves(Callback):
@@ -170,14 +129,34 @@ class StopOnNonFiniteLoss(Callback):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file beside it and renames it into place, so an
-    interrupted write never leaves a partial ``last.ckpt`` for ``--ckpt_path last`` to pick up."""
+    """Writes each checkpoint durably and atomically: into a temporary file in the same directory,
+    fsynced, renamed into place, and the directory fsynced, so that a killed process or a power loss
+    leaves the previous ``last.ckpt`` whole for ``--ckpt_path last``. An error removes the temporary
+    file; one left by a killed process is removed at the next save of the same checkpoint. Remote
+    paths (``s3://...``) go through Lightning's own writer."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        partial = path.with_name(f".{path.name}.partial")
-        super().save_checkpoint(checkpoint, partial, storage_options)
-        os.replace(partial, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.partial"):
+            stale.unlink(missing_ok=True)
+        descriptor, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(partial, path)
+        except BaseException:
+            Path(partial).unlink(missing_ok=True)
+            raise
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
 
 # Lines of jsonargparse's nested union report that repeat for every optional class argument, or dump a section
@@ -219,16 +198,13 @@ class VisionZooCLI(LightningCLI):
 
     def __init__(self, *args, allow_any_class_path: bool = False, **kwargs):
         self.allow_any_class_path = allow_any_class_path
-        super().__init__(*args, **kwargs)
+        with import_policy(enforced=not allow_any_class_path):
+            super().__init__(*args, **kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        if not self.allow_any_class_path:
-            for path in _config_files(list(args or [])):
-                if Path(path).is_file():  # before jsonargparse imports anything the file names
-                    check_class_paths(yaml.safe_load(Path(path).read_text()), path)
+        if not self.allow_any_class_path:  # before jsonargparse imports anything the recipe names
+            check_command_line(list(args or []))
         super().parse_arguments(parser, args)
-        if not self.allow_any_class_path:
-            check_class_paths(self.config, "the command line")
 
     def instantiate_classes(self) -> None:
         try:
@@ -281,11 +257,17 @@ class VisionZooCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning reads a ``--ckpt_path`` file's hyper-parameters first: a corrupt or unsafe file ends here."""
+        """Lightning merges a ``--ckpt_path`` file's hyper-parameters into the configuration first (and imports
+        their ``_class_path``): a corrupt file, or one that names code outside the allowed namespaces, ends here."""
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
         try:
+            if ckpt_path and Path(ckpt_path).is_file() and not self.allow_any_class_path:
+                hyper_parameters = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+                check_imports(hyper_parameters.get("hyper_parameters", {}), f"--ckpt_path {ckpt_path}")
             super()._parse_ckpt_path()
+        except UnsafeRecipeError:
+            raise
         except Exception as error:
-            ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
             raise RecipeError(
                 f"--ckpt_path: cannot read checkpoint {ckpt_path}: {type(error).__name__}: {error}"
             ) from error
@@ -358,7 +340,7 @@ def run_cli(args: list[str]) -> int:
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
         )
-    except RecipeError as error:
+    except (RecipeError, UnsafeRecipeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLossError as error:
