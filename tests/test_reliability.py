@@ -50,26 +50,28 @@ def test_sigkill_mid_epoch_then_resume_from_last(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ema = f"--model.init_args.ema_decay={EMA_DECAY}"
-    process = subprocess.Popen(_fit_command(root, run, "--trainer.max_epochs=3", ema), env=env, cwd=tmp_path)
+    every = "--last_every_n_steps=100"  # the first last.ckpt is mid-epoch, at step 100
+    process = subprocess.Popen(_fit_command(root, run, "--trainer.max_epochs=3", ema, every), env=env, cwd=tmp_path)
     last = run / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 240
     while not last.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)  # into the next epoch
+        time.sleep(0.05)
     assert process.poll() is None, f"the run ended (code {process.returncode}) before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed = torch.load(last, map_location="cpu", weights_only=True)
     step = killed["global_step"]
-    assert step in (225, 450), f"killed at step {step}: not mid-run"
+    assert step % 100 == 0 and step % 225, f"killed at step {step}: not at a mid-epoch interval checkpoint"
     for path in run.glob("checkpoints/last*.ckpt"):  # what --ckpt_path last may pick: never a partial write
         torch.load(path, map_location="cpu", weights_only=True)
 
     # one more step, so the EMA's update can be checked exactly: ema' = decay * ema + (1 - decay) * model'
     resume = _fit_command(
-        root, run, "--trainer.max_epochs=3", f"--trainer.max_steps={step + 1}", ema, "--ckpt_path=last"
+        root, run, "--trainer.max_epochs=3", f"--trainer.max_steps={step + 1}", ema, every, "--ckpt_path=last"
     )
-    assert subprocess.run(resume, env=env, cwd=tmp_path, timeout=600).returncode == 0
+    resumed = subprocess.run(resume, env=env, cwd=tmp_path, timeout=600, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "dataloader is not resumable" not in resumed.stderr
     final = torch.load(last, map_location="cpu", weights_only=True)
     assert final["global_step"] == step + 1, "the resumed run did not continue the count"
     assert int(final["optimizer_states"][0]["state"][0]["step"]) == step + 1, "optimizer state was not restored"
@@ -81,6 +83,50 @@ def test_sigkill_mid_epoch_then_resume_from_last(tmp_path):
         if after["model." + key].is_floating_point():
             expected = EMA_DECAY * before["ema.module." + key] + (1 - EMA_DECAY) * after["model." + key]
             torch.testing.assert_close(after["ema.module." + key], expected, msg=f"EMA of {key} was not restored")
+
+
+class _Killed(Exception):
+    pass
+
+
+class _BatchRecorder(pl.Callback):
+    """Records each training batch's labels (its images are augmented at random) and stops the run at ``fail_at``
+    as a kill would."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.batches, self.fail_at = [], fail_at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.fail_at:
+            raise _Killed
+        self.batches.append(batch[1].tolist())
+
+
+def test_a_run_resumed_mid_epoch_sees_the_rest_of_the_epochs_order(tmp_path):
+    root = write_idx(tmp_path / "idx", train=100, test=8)  # 80 training images: 10 steps an epoch
+
+    def fit(max_steps: int, recorder: _BatchRecorder, run: str, ckpt_path=None) -> list[list[int]]:
+        pl.seed_everything(0)
+        data = ClassificationData(str(root), format="idx", image_size=32, batch_size=8, val_fraction=0.2)
+        task = ClassificationTask("mixvit_tiny", 10, model_kwargs=TINY_MIXVIT)
+        every_3 = ModelCheckpoint(dirpath=tmp_path / run, save_top_k=0, save_last=True, every_n_train_steps=3)
+        trainer = pl.Trainer(
+            accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_val_batches=0, callbacks=[recorder, every_3],
+            plugins=[AtomicCheckpointIO()],
+        )  # fmt: skip
+        trainer.fit(task, data, ckpt_path=ckpt_path)
+        return recorder.batches
+
+    uninterrupted = fit(8, _BatchRecorder(), "uninterrupted")
+    killed = _BatchRecorder(fail_at=5)
+    with pytest.raises(_Killed):
+        fit(8, killed, "killed")
+    assert killed.batches == uninterrupted[:5]
+    last = tmp_path / "killed" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    resumed = fit(8, _BatchRecorder(), "resumed", ckpt_path=last)
+    assert resumed == uninterrupted[3:], "the resumed run did not continue the epoch's order"
 
 
 # Saves a checkpoint with half of its bytes written, then waits to be killed: the fault of both writers below.
@@ -206,3 +252,11 @@ def test_bad_ckpt_path_is_a_one_line_error(tmp_path, capsys):
         assert re.fullmatch(f"error: {message}.*", err, re.S), err
         assert "Traceback" not in err
     assert not (tmp_path / "run" / "checkpoints").exists(), "a refused resume must not start training"
+
+
+def test_checkpoint_intervals_must_be_positive(tmp_path, capsys):
+    from visionzoo.cli import main
+
+    command = _fit_command(write_idx(tmp_path / "idx", train=40, test=8), tmp_path / "run")[3:]
+    assert main([*command, "--last_every_n_steps=0"]) == 2
+    assert "last_every_n_steps and last_every_minutes must be positive, got 0 and 30.0" in capsys.readouterr().err

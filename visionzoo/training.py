@@ -5,11 +5,12 @@ The CLI links the two: the data module reads the model's normalisation from ``mo
 the task gets ``num_classes`` from the data. Unless the recipe says otherwise, a run under
 ``trainer.default_root_dir`` (default: the working directory) keeps
 
-- ``checkpoints/last.ckpt`` (every epoch; ``--ckpt_path last`` resumes from it) and the best
-  checkpoint by the task's validation metric;
+- ``checkpoints/last.ckpt`` (at each validation, and every ``--last_every_n_steps`` or else every
+  ``--last_every_minutes``, 30 by default; ``--ckpt_path last`` resumes from it, mid-epoch included:
+  the training loader is stateful) and the best checkpoint by the task's validation metric;
 - CSV and TensorBoard logs under ``logs/``, and ``learning_curves.png`` beside the CSV at the end of ``fit``;
 - a rich progress bar;
-- checkpoints written atomically (a temporary file renamed into place), and a stop with the step
+- checkpoints written atomically and durably (a temporary file fsynced and renamed into place), and a stop with the step
   named at a NaN/Inf loss, before it reaches the weights.
 
 ``fit`` then tests the best checkpoint when the data has a test split (``--test_after_fit false`` skips it).
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import warnings
 from collections import defaultdict
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -226,6 +228,19 @@ class VisionZooCLI(LightningCLI):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "fit":
             parser.add_argument("--test_after_fit", type=bool, default=True, help="test the best checkpoint after fit")
+        # every subcommand reads them, so that a recipe that sets them also serves validate and test
+        parser.add_argument(
+            "--last_every_n_steps",
+            type=int | None,
+            default=None,
+            help="fit: also write checkpoints/last.ckpt every N training steps (a kill loses at most N steps)",
+        )
+        parser.add_argument(
+            "--last_every_minutes",
+            type=float | None,
+            default=30.0,
+            help="fit: otherwise every M minutes of training (null: last.ckpt only at validation)",
+        )
         return parser
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
@@ -237,6 +252,7 @@ class VisionZooCLI(LightningCLI):
         # Lightning 2.6's save_last writes last.ckpt at train end even under fast_dev_run, which should save nothing
         wants_checkpoints = config.get("enable_checkpointing", True) is not False and not config.get("fast_dev_run")
         if wants_checkpoints and not any(isinstance(c, ModelCheckpoint) for c in given):
+            callbacks += self._interval_checkpoint(root / "checkpoints")
             monitor = getattr(self.model, "monitor", None)
             callbacks.append(
                 ModelCheckpoint(
@@ -245,6 +261,7 @@ class VisionZooCLI(LightningCLI):
                     monitor=monitor,
                     mode="min" if monitor and monitor.endswith("loss") else "max",
                     save_last=True,
+                    enable_version_counter=False,
                 )
             )
         if config.get("enable_progress_bar", True) is not False and not any(
@@ -255,6 +272,18 @@ class VisionZooCLI(LightningCLI):
         if not config.get("plugins"):
             config["plugins"] = [AtomicCheckpointIO()]
         return super()._instantiate_trainer(config, callbacks)
+
+    def _interval_checkpoint(self, dirpath: Path) -> list[ModelCheckpoint]:
+        """``last.ckpt`` between validations, every ``last_every_n_steps`` or ``last_every_minutes`` of ``fit``."""
+        options = self.config.get("fit", {}) if self.subcommand == "fit" else {}
+        steps, minutes = options.get("last_every_n_steps"), options.get("last_every_minutes")
+        if (steps is not None and steps < 1) or (minutes is not None and minutes <= 0):
+            raise RecipeError(f"last_every_n_steps and last_every_minutes must be positive, got {steps} and {minutes}")
+        if steps is None and minutes is None:
+            return []
+        trigger = dict(every_n_train_steps=steps) if steps else dict(train_time_interval=timedelta(minutes=minutes))
+        # one last.ckpt for this and the validation-time checkpoint: no version counter (last-v1.ckpt)
+        return [ModelCheckpoint(dirpath=dirpath, save_top_k=0, save_last=True, enable_version_counter=False, **trigger)]
 
     def _parse_ckpt_path(self) -> None:
         """Lightning merges a ``--ckpt_path`` file's hyper-parameters into the configuration first (and imports

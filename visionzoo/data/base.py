@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -11,8 +12,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from .transforms import DataConfig, resolve_data_config
+
+warnings.filterwarnings("ignore", "'set_vital' is deprecated", UserWarning)  # torchdata 0.11 on torch 2.14
 
 __all__ = ["Split", "VisionDataModule", "load_rgb"]
 
@@ -115,8 +119,10 @@ class VisionDataModule(pl.LightningDataModule):
             self.dataset(split)
 
     def _loader(self, split: Split, train: bool = False) -> DataLoader:
+        """The training loader is stateful: a checkpoint keeps its place in the epoch's order, so a run resumed
+        mid-epoch sees the rest of that order (Lightning saves and restores the state)."""
         dataset = self.dataset(split)
-        return DataLoader(
+        return (StatefulDataLoader if train else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             shuffle=train,
