@@ -11,13 +11,14 @@ from typing import Any
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import register_notrace_function
-from timm.models import PretrainedCfg, generate_default_cfgs, register_model
+from timm.models import PretrainedCfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from torch import nn
 
 from .papers import FAMILY_FIGURES
 
 __all__ = [
     "BackboneCfg",
+    "PretrainedWeightsError",
     "check_images",
     "convert_official_state_dict",
     "generate_backbone_cfgs",
@@ -123,9 +124,37 @@ def generate_backbone_cfgs(cfgs: Mapping[str, Mapping[str, Any]]) -> dict[str, A
     )
 
 
+class PretrainedWeightsError(OSError):
+    """Pretrained weights that cannot be downloaded or read: names the source and how to pass a local file."""
+
+
+def _weights_source(name: str, kwargs: Mapping[str, Any]) -> str:
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    cfg = get_pretrained_cfg(name)
+    cfg = cfg.to_dict() if cfg is not None else {}
+    for key in ("file", "url", "hf_hub_id"):
+        if overlay.get(key) or cfg.get(key):
+            return str(overlay.get(key) or cfg.get(key))
+    return "its pretrained cfg"
+
+
 def _entrypoint(module_name: str, name: str, create: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
-        return create(name, pretrained, **kwargs)
+        try:
+            return create(name, pretrained, **kwargs)
+        except OSError as error:  # urllib's and the hub's network errors, a missing file
+            if not pretrained or isinstance(error, PretrainedWeightsError):
+                raise
+            source = _weights_source(name, kwargs)
+            if isinstance(error, FileNotFoundError):
+                raise PretrainedWeightsError(f"{name}: no pretrained weights file at {source}") from error
+            raise PretrainedWeightsError(
+                f"{name}: cannot download the pretrained weights from {source} "
+                f"({type(error).__name__}: {' '.join(str(error).split())}); without network, download the file "
+                f"elsewhere and pass it: timm.create_model({name!r}, pretrained=True, "
+                "pretrained_cfg_overlay=dict(file='PATH')) "
+                "(a recipe: model_kwargs: {pretrained_cfg_overlay: {file: PATH}})"
+            ) from error
 
     entrypoint.__module__ = module_name
     entrypoint.__name__ = entrypoint.__qualname__ = name

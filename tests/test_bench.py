@@ -158,3 +158,10 @@ def test_aten_op_count_shows_the_tiled_path_dispatches_fewer_ops():
         reference = count_aten_ops(model, (64, 64))
     tiled = count_aten_ops(model, (64, 64))
     assert 0 < tiled < reference
+
+
+def test_bench_unknown_names_are_one_line_errors(capsys):
+    assert main(["bench", "nat_mini", "--compare", "swin_nope"]) == 2
+    assert capsys.readouterr().err == "error: unknown model swin_nope (visionzoo list models: ours)\n"
+    assert main(["bench", "--op", "nope"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown kernel op 'nope'; known: ['aggregated_attention'")

@@ -3,6 +3,7 @@ loading for export."""
 
 import onnxruntime
 import pytest
+import timm
 import torch
 from safetensors.torch import save_model
 
@@ -167,6 +168,24 @@ def test_export_command_checks_in_onnxruntime(tmp_path, capsys):
     assert "; 97x75 (batch 2): max abs diff " in captured.err
     assert main(["export", "ela_resnet18", "--checkpoint", str(tmp_path / "missing.ckpt")]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_an_onnx_file_that_does_not_load_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import visionzoo.export
+
+    real_export = visionzoo.export.export_onnx
+
+    def export_then_truncate(*args, **kwargs):  # the file is damaged between writing and checking
+        path = real_export(*args, **kwargs)
+        path.write_bytes(path.read_bytes()[:1000])
+        return path
+
+    monkeypatch.setattr(visionzoo.export, "export_onnx", export_then_truncate)
+    assert main(["export", "ela_resnet18", "-o", str(tmp_path / "m.onnx"), "--img-size", "64", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {tmp_path / 'm.onnx'} does not load as an ONNX model: ")
+    with pytest.raises(ExportError, match="does not load as an ONNX model"):
+        check_onnx(timm.create_model("ela_resnet18"), tmp_path / "m.onnx", [(64, 64)])
 
 
 def test_segmenter_exports_its_main_logits_with_dynamic_size(tmp_path):

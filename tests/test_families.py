@@ -13,6 +13,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from visionzoo.backbones.helpers import PretrainedWeightsError
 from visionzoo.backbones.papers import paper_figures
 from visionzoo.stats import model_stats
 
@@ -62,6 +63,18 @@ def test_foreign_checkpoint_lists_missing_and_unexpected_keys(name, load_officia
     checkpoint["stages.0.foreign.weight"] = torch.zeros(1)
     with pytest.raises(RuntimeError, match=rf"(?s)Missing key.*{re.escape(missing)}.*Unexpected.*stages\.0\.foreign"):
         load_official(name, checkpoint)
+
+
+@pytest.mark.parametrize("name", FAMILY_MODELS)
+def test_pretrained_weights_out_of_reach_name_the_source_and_the_local_file_option(name, tmp_path):
+    url = f"http://127.0.0.1:9/visionzoo-unreachable-{name}.pth"  # nothing listens: refused at once
+    with pytest.raises(PretrainedWeightsError, match=rf"cannot download the pretrained weights from {re.escape(url)}"):
+        timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(url=url))
+    missing = tmp_path / "missing.pth"
+    with pytest.raises(
+        PretrainedWeightsError, match=rf"{name}: no pretrained weights file at {re.escape(str(missing))}$"
+    ):
+        timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(missing)))
 
 
 # model, kwargs, input size, a parameter of the family's own mixer, parameters spared weight decay

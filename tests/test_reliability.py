@@ -260,3 +260,15 @@ def test_checkpoint_intervals_must_be_positive(tmp_path, capsys):
     command = _fit_command(write_idx(tmp_path / "idx", train=40, test=8), tmp_path / "run")[3:]
     assert main([*command, "--last_every_n_steps=0"]) == 2
     assert "last_every_n_steps and last_every_minutes must be positive, got 0 and 30.0" in capsys.readouterr().err
+
+
+def test_pretrained_weights_without_network_is_a_one_line_error(tmp_path, capsys):
+    from visionzoo.cli import main
+
+    command = _fit_command(write_idx(tmp_path / "idx", train=40, test=8), tmp_path / "run")[3:]
+    url = "http://127.0.0.1:9/visionzoo-unreachable-nat_mini.pth"
+    overlay = f"--model.init_args.model_kwargs={{pretrained_cfg_overlay: {{url: '{url}'}}}}"
+    assert main([*command, "--model.init_args.model_name=nat_mini", "--model.init_args.pretrained=true", overlay]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot download the pretrained weights from {url}" in err
+    assert "model_kwargs: {pretrained_cfg_overlay: {file: PATH}}" in err

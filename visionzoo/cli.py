@@ -55,10 +55,21 @@ def _bench_models(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import torch
+    import timm
 
-    if args.models:
-        return _bench_models(args)
+    unknown = [name for name in [*args.models, *(args.compare or [])] if not timm.is_model(name)]
+    if unknown:
+        print(f"error: unknown model {', '.join(unknown)} (visionzoo list models: ours)", file=sys.stderr)
+        return 2
+    try:
+        return _bench_models(args) if args.models else _bench_ops(args)
+    except ValueError as error:  # an unknown op, mixer, case or backend
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _bench_ops(args: argparse.Namespace) -> int:
+    import torch
 
     from visionzoo.bench import MARKDOWN_HEADER, OP_CASES, RunSettings, bench_mixer, bench_op, markdown_row, write_csv
 
@@ -166,7 +177,11 @@ def _export(args: argparse.Namespace) -> int:
     print(f"wrote {path} ({batch}, {shape})")
     if args.no_check:
         return 0
-    results = check_onnx(model, path, _check_sizes(args, model, size), tolerance=args.tolerance)
+    try:
+        results = check_onnx(model, path, _check_sizes(args, model, size), tolerance=args.tolerance)
+    except RuntimeError as error:  # ExportError: the file does not load
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     for result in results:
         if result.ok:
             print(f"onnxruntime matches torch at {result.describe()} (ok)")

@@ -259,10 +259,15 @@ def check_onnx(
     box coordinates in units of the image's longer side. onnxruntime failing at a shape is a failed check."""
     import onnx
     import onnxruntime
-    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort
 
-    onnx.checker.check_model(str(path))
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    failed_run = (ort.Fail, ort.InvalidArgument, ort.RuntimeException)
+    unloadable = (onnx.checker.ValidationError, OSError, ort.InvalidProtobuf, ort.InvalidGraph, ort.NotImplemented)
+    try:
+        onnx.checker.check_model(str(path))
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except (*unloadable, *failed_run) as error:
+        raise ExportError(f"{path} does not load as an ONNX model: {_one_line(error, lines=1)}") from error
     generator = torch.Generator().manual_seed(seed)
     in_chans = getattr(find_backbone(model), "in_chans", 3)
     names = [output.name for output in session.get_outputs()]
@@ -274,7 +279,7 @@ def check_onnx(
         images = torch.rand(shape, generator=generator) if detector else torch.randn(shape, generator=generator)
         try:
             outputs = session.run(None, {session.get_inputs()[0].name: images.numpy()})
-        except (Fail, InvalidArgument, RuntimeException) as error:
+        except failed_run as error:
             results.append(OnnxCheck(shape, float("inf"), tolerance, error=_one_line(error, lines=1)))
             continue
         expected = _run(model, images)

@@ -42,6 +42,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from visionzoo.allowlist import ALLOW_ANY_FLAG, UnsafeRecipeError, check_command_line, check_imports, import_policy
+from visionzoo.backbones.helpers import PretrainedWeightsError
 from visionzoo.data.base import VisionDataModule
 
 __all__ = [
@@ -214,9 +215,9 @@ class VisionZooCLI(LightningCLI):
             if isinstance(self.datamodule, VisionDataModule) and self.subcommand in _DATA_STAGES:
                 # the splits the run needs, built (and cached) now: a missing or empty one is a recipe error
                 self.datamodule.setup(self.subcommand)
-        except (ValueError, TypeError, FileNotFoundError, KeyError, MisconfigurationException) as error:
+        except (ValueError, TypeError, OSError, KeyError, MisconfigurationException) as error:
             root = error
-            while root.__cause__ is not None:
+            while root.__cause__ is not None and not isinstance(root, PretrainedWeightsError):  # it says what to do
                 root = root.__cause__
             raise RecipeError(f"the recipe could not be built: {type(root).__name__}: {root}") from error
 
