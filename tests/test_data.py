@@ -304,7 +304,7 @@ def test_detection_errors(coco):
 @pytest.mark.parametrize("layout", ["ade20k", "voc"])
 def test_segmentation_batches(tmp_path, layout):
     root = (write_ade20k if layout == "ade20k" else write_voc)(tmp_path, images=4, size=(40, 56))
-    data = SegmentationData(str(root), layout=layout, image_size=32, batch_size=2)
+    data = SegmentationData(str(root), layout=layout, image_size=32, batch_size=2, eval_at_label_size=False)
     assert data.num_classes == (150 if layout == "ade20k" else 21)
     assert data.class_names[0] == ("wall" if layout == "ade20k" else "background")
     for loader in (data.train_dataloader(), data.val_dataloader()):
@@ -325,17 +325,30 @@ def test_segmentation_batches_of_different_sizes_are_padded(tmp_path):
     for folder in ("images", "annotations"):
         for path in (tmp_path / "b" / folder / "validation").iterdir():
             path.rename(root / folder / "validation" / path.name.replace("00000001", "00000002"))
-    data = SegmentationData(str(root), batch_size=2, eval_transforms=[{"name": "SmallestMaxSize", "max_size": 24}])
+    smallest_24 = [{"name": "SmallestMaxSize", "max_size": 24}]
+    data = SegmentationData(str(root), batch_size=2, eval_transforms=smallest_24, eval_at_label_size=False)
     images, masks = next(iter(data.val_dataloader()))
     assert images.shape == (2, 3, 40, 40) and masks.shape == (2, 40, 40)
     assert (images[0, :, 24:] == 0).all() and (masks[0, 24:] == 255).all() and (masks[0, :24] != 255).any()
     assert (images[1, :, :, 24:] == 0).all() and (masks[1, :, 24:] == 255).all()
 
 
+def test_eval_batches_keep_labels_at_their_stored_size(tmp_path):
+    root = write_ade20k(tmp_path, images=2, size=(40, 56))
+    data = SegmentationData(str(root), image_size=32, batch_size=2)
+    images, masks, boxes = next(iter(data.val_dataloader()))
+    assert images.shape == (2, 3, 32, 32)  # long side to 32 (40x56 -> 23x32), padded to 32x32
+    assert [tuple(m.shape) for m in masks] == [(40, 56)] * 2 and boxes.tolist() == [[0, 0, 23, 32]] * 2
+    raw = torch.from_numpy(np.asarray(Image.open(data.dataset("val").pairs[0][1])).astype(np.int64))
+    torch.testing.assert_close(masks[0], torch.where(raw == 0, 255, raw - 1))
+    _, train_masks = next(iter(data.train_dataloader()))  # training batches stay transformed
+    assert train_masks.shape == (2, 32, 32)
+
+
 def test_ade20k_reduce_zero_label_and_flip(tmp_path):
     root = write_ade20k(tmp_path, images=2, size=(24, 32))
     data = SegmentationData(str(root), image_size=(24, 32), train_transforms=FLIP, eval_transforms=[])
-    _, mask = data.dataset("val")[0]
+    _, mask, _ = data.dataset("val")[0]
     mask_path = data.dataset("val").pairs[0][1]
     raw = torch.from_numpy(np.asarray(Image.open(mask_path)).astype(np.int64))
     torch.testing.assert_close(mask, torch.where(raw == 0, 255, raw - 1))

@@ -16,6 +16,7 @@ import yaml
 import visionzoo
 from visionzoo.checkpoints import load_model
 from visionzoo.cli import main
+from visionzoo.heads import create_segmenter
 
 from tiny_datasets import write_ade20k, write_coco, write_idx, write_imagefolder
 
@@ -87,6 +88,22 @@ def test_every_recipe_documents_itself_and_states_its_schedule():
         assert {"model", "data", "trainer"} <= set(config), name
         trainer = config["trainer"]
         assert "max_epochs" in trainer or "max_steps" in trainer, name
+
+
+def test_segmentation_recipes_synchronise_batchnorm_across_their_devices():
+    """mmsegmentation trains its decoders with SyncBN: a recipe on several devices whose decoder has BatchNorm
+    must set ``sync_batchnorm`` (Lightning then converts every BatchNorm to SyncBatchNorm)."""
+    checked = 0
+    for name in RECIPES:
+        config = yaml.safe_load(recipe_path(name).read_text())
+        args, trainer = config["model"]["init_args"], config["trainer"]
+        if "decoder" not in args or trainer.get("devices", 1) in (1, "1"):
+            continue
+        decoder = create_segmenter(args["decoder"], "resnet18", 4, aux_head=False, channels=16).decoder
+        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in decoder.modules()):
+            assert trainer.get("sync_batchnorm") is True, f"{name}: BatchNorm per device of {trainer['devices']}"
+            checked += 1
+    assert checked == 2, "the ADE20K recipes were not checked"
 
 
 @pytest.fixture(scope="module")

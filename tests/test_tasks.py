@@ -5,8 +5,12 @@ from __future__ import annotations
 import math
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchmetrics.classification import MulticlassJaccardIndex
 
 from visionzoo.data import ClassificationData, DetectionData, SegmentationData
 from visionzoo.tasks import ClassificationTask, DetectionTask, SegmentationTask
@@ -110,3 +114,32 @@ def test_segmentation_task_trains_and_reports_miou(tmp_path):
     trainer.fit(task, data)
     metrics = trainer.validate(task, data, verbose=False)[0]
     assert 0.0 <= metrics["val/miou"] <= 1.0 and "val/pixel_accuracy" in metrics
+
+
+def test_segmentation_scores_predictions_resized_to_the_stored_labels(tmp_path):
+    """mmsegmentation's evaluation: the prediction on the resized image, cropped to the image and resized (bilinear
+    logits) to the label as stored, scored by torchmetrics against the label PNG read here."""
+    root = write_ade20k(tmp_path / "ade", images=3, size=(40, 56), num_classes=4)
+    data = SegmentationData(str(root), layout="ade20k", num_classes=4, batch_size=2, image_size=64)
+    task = SegmentationTask("resnet18", 4, decoder="semantic_fpn", aux_weight=0.0, segmenter_kwargs=dict(channels=16))
+    reported = _trainer(tmp_path, limit_val_batches=None).validate(task, data, verbose=False)[0]["val/miou"]
+
+    oracle = MulticlassJaccardIndex(4, average="macro", ignore_index=255)
+    rows = round(40 * 64 / 56)  # the long side 56 -> 64, then padded to 64x64 at the bottom
+    task.eval()
+    for index, (_, label_path) in enumerate(data.dataset("val").pairs):
+        image = data.dataset("val")[index][0]
+        stored = torch.from_numpy(np.asarray(Image.open(label_path)).astype(np.int64))
+        label = torch.where(stored == 0, 255, stored - 1)  # ADE20K's reduce_zero_label
+        with torch.no_grad():
+            logits = task(image[None])[:, :, :rows]
+        oracle.update(F.interpolate(logits, size=(40, 56), mode="bilinear").argmax(1), label[None])
+    assert reported == pytest.approx(oracle.compute().item(), abs=1e-6)
+    assert reported != pytest.approx(_at_transformed_size(task, tmp_path, root), abs=1e-4), "the check cannot fail"
+
+
+def _at_transformed_size(task, tmp_path, root) -> float:
+    data = SegmentationData(
+        str(root), layout="ade20k", num_classes=4, batch_size=2, image_size=64, eval_at_label_size=False
+    )
+    return _trainer(tmp_path, limit_val_batches=None).validate(task, data, verbose=False)[0]["val/miou"]

@@ -53,20 +53,32 @@ ADE20K_SPLITS = {"train": "training", "val": "validation", "test": "testing"}
 
 class PadCollate:
     """Stack (image, mask) pairs of different sizes: pad each to the batch's largest height and width at the
-    bottom/right, images with 0 and masks with ``ignore_index`` (so padding counts nowhere)."""
+    bottom/right, images with 0 and masks with ``ignore_index`` (so padding counts nowhere). Samples at the
+    label's size, (image, original mask, content box), keep their masks as a list and stack the boxes."""
 
     def __init__(self, ignore_index: int):
         self.ignore_index = ignore_index
 
-    def __call__(self, batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        height = max(image.shape[-2] for image, _ in batch)
-        width = max(image.shape[-1] for image, _ in batch)
+    def __call__(self, batch: list[tuple[torch.Tensor, ...]]) -> tuple:
+        height = max(sample[0].shape[-2] for sample in batch)
+        width = max(sample[0].shape[-1] for sample in batch)
         images = torch.zeros(len(batch), batch[0][0].shape[0], height, width, dtype=batch[0][0].dtype)
+        for i, sample in enumerate(batch):
+            images[i, :, : sample[0].shape[-2], : sample[0].shape[-1]] = sample[0]
+        if len(batch[0]) == 3:
+            return images, [sample[1] for sample in batch], torch.stack([sample[2] for sample in batch])
         masks = torch.full((len(batch), height, width), self.ignore_index, dtype=torch.int64)
-        for i, (image, mask) in enumerate(batch):
-            images[i, :, : image.shape[-2], : image.shape[-1]] = image
+        for i, (_, mask) in enumerate(batch):
             masks[i, : mask.shape[-2], : mask.shape[-1]] = mask
         return images, masks
+
+
+def content_box(content: torch.Tensor) -> torch.Tensor:
+    """``(top, left, bottom, right)`` of the true pixels of ``content``: where a transformed image's content lies."""
+    rows, cols = content.any(1).nonzero().flatten(), content.any(0).nonzero().flatten()
+    if len(rows) == 0:
+        raise ValueError("the eval transforms leave nothing of the image (a crop outside it?)")
+    return torch.stack([rows[0], cols[0], rows[-1] + 1, cols[-1] + 1])
 
 
 class SegmentationDataset(Dataset):
@@ -79,9 +91,10 @@ class SegmentationDataset(Dataset):
         label_table: np.ndarray,
         num_classes: int,
         ignore_index: int,
+        at_label_size: bool = False,
     ):
         self.pairs, self.transform, self.label_table = pairs, transform, label_table
-        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.num_classes, self.ignore_index, self.at_label_size = num_classes, ignore_index, at_label_size
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -106,8 +119,12 @@ class SegmentationDataset(Dataset):
         image, mask = load_rgb(image_path), self.load_mask(mask_path)
         if image.shape[:2] != mask.shape:
             raise ValueError(f"{mask_path}: mask size {mask.shape} differs from image size {image.shape[:2]}")
-        out = self.transform(image=image, mask=mask)
-        return out["image"], out["mask"].long()
+        if not self.at_label_size:
+            out = self.transform(image=image, mask=mask)
+            return out["image"], out["mask"].long()
+        # the image alone is transformed; a mask of ones marks where its content lands (padding is not 1)
+        out = self.transform(image=image, mask=np.ones_like(mask))
+        return out["image"], torch.from_numpy(mask).long(), content_box(out["mask"] == 1)
 
 
 class SegmentationData(VisionDataModule):
@@ -127,6 +144,10 @@ class SegmentationData(VisionDataModule):
         layout: ``ade20k`` or ``voc``.
         num_classes: None: the layout's (150 / 21).
         ignore_index: label of unlabelled pixels, 0..255.
+        eval_at_label_size: val and test batches keep each label at its stored size, ``(images, [masks],
+            boxes)`` with the box of each image's content in the transformed image, so that the task scores
+            its prediction resized to the label, as mmsegmentation evaluates; False: labels transformed with
+            the images.
         **kwargs: see :class:`~visionzoo.data.base.VisionDataModule`.
     """
 
@@ -139,6 +160,7 @@ class SegmentationData(VisionDataModule):
         layout: Literal["ade20k", "voc"] = "ade20k",
         num_classes: int | None = None,
         ignore_index: int = 255,
+        eval_at_label_size: bool = True,
         **kwargs: Any,
     ):
         if layout not in LAYOUTS:
@@ -149,7 +171,7 @@ class SegmentationData(VisionDataModule):
         super().__init__(root, **kwargs)
         self.save_hyperparameters(ignore=["num_classes"])  # the task logs the resolved count
         self.layout_name = layout
-        self.ignore_index = ignore_index
+        self.ignore_index, self.eval_at_label_size = ignore_index, eval_at_label_size
         names = ADE20K_CLASSES if layout == "ade20k" else VOC_CLASSES
         self.num_classes = len(names) if num_classes is None else num_classes
         if not 1 <= self.num_classes <= 255:
@@ -216,4 +238,5 @@ class SegmentationData(VisionDataModule):
             self.label_table(),
             self.num_classes,
             self.ignore_index,
+            at_label_size=self.eval_at_label_size and split != "train",
         )

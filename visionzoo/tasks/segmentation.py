@@ -19,7 +19,9 @@ class SegmentationTask(VisionTask):
     """Train and evaluate ``create_segmenter(decoder, model_name, num_classes, ...)``.
 
     Batches are ``(images (B, 3, H, W) normalised, masks (B, H, W) int64)`` with ``ignore_index`` on
-    unlabelled pixels.
+    unlabelled pixels; evaluation batches may instead hold each mask at its stored size with the box of its
+    image's content, ``(images, [masks (H_i, W_i)], boxes (B, 4))``: the prediction is then cropped to the
+    content and resized (bilinear logits) to the label before it is scored.
 
     Args:
         model_name: the backbone, a timm model name with maps at strides 4 to 32.
@@ -65,11 +67,21 @@ class SegmentationTask(VisionTask):
         return loss
 
     def _evaluate(self, batch, metrics, stage: str) -> None:
-        images, masks = batch
+        images, masks, *boxes = batch
         logits = self.eval_model(images)["out"]
-        self.log(f"{stage}/loss", F.cross_entropy(logits, masks, ignore_index=self.hparams.ignore_index))
-        metrics.update(logits.argmax(1), masks)
-        self.log_dict(metrics, prog_bar=True)
+        ignore = self.hparams.ignore_index
+        if boxes:  # labels at their stored size: each image's logits cropped to its content, resized to its label
+            losses = []
+            for image_logits, mask, (top, left, bottom, right) in zip(logits, masks, boxes[0].tolist(), strict=True):
+                content = image_logits[None, :, top:bottom, left:right]
+                resized = F.interpolate(content, size=mask.shape, mode="bilinear", align_corners=False)
+                losses.append(F.cross_entropy(resized, mask[None], ignore_index=ignore))
+                metrics.update(resized.argmax(1), mask[None])
+            self.log(f"{stage}/loss", torch.stack(losses).mean(), batch_size=len(masks))
+        else:
+            self.log(f"{stage}/loss", F.cross_entropy(logits, masks, ignore_index=ignore))
+            metrics.update(logits.argmax(1), masks)
+        self.log_dict(metrics, prog_bar=True, batch_size=len(masks))
 
     def validation_step(self, batch, batch_idx):
         self._evaluate(batch, self.val_metrics, "val")
