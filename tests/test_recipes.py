@@ -202,6 +202,15 @@ def test_ddp_on_two_cpu_processes(fashion_like, tmp_path):
     assert checkpoint["global_step"] == 3
 
 
+def test_fsdp_on_cpus_is_refused_in_one_line(fashion_like, tmp_path, capsys):
+    """Lightning runs FSDP on CUDA only (the README says so): on CPUs the refusal is one line, before any process
+    starts."""
+    args = [a for a in _quickstart(fashion_like, tmp_path / "run") if not a.startswith("--trainer.strategy")]
+    assert main(["fit", *args, "--trainer.strategy=fsdp"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "The strategy `fsdp` requires a GPU accelerator" in errors[0]
+
+
 def test_a_recipe_that_cannot_be_built_says_why_in_one_line(tmp_path, capsys):
     quickstart = ["fit", "--config", str(recipe_path("classification/quickstart.yaml"))]
     assert main([*quickstart, f"--data.init_args.root={tmp_path / 'missing'}"]) == 2
