@@ -206,7 +206,8 @@ class VisionZooCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         if not self.allow_any_class_path:  # before jsonargparse imports anything the recipe names
-            check_command_line(list(args or []))
+            if not isinstance(args, dict):  # a configuration given as a dict: jsonargparse's policy alone guards it
+                check_command_line(list(args) if args is not None else sys.argv[1:])
         super().parse_arguments(parser, args)
 
     def instantiate_classes(self) -> None:
