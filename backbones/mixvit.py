@@ -265,6 +265,13 @@ model_cfgs = {
         mixer_kwargs=(({"partition": "block"}, {"partition": "grid"}),) * 4,
         block_mixer_kwargs={"window_size": 7},
     ),
+    # DaViT's dual attention: spatial window attention (7x7 windows, the multi-axis block attention) and
+    # channel group attention alternating block by block
+    "mixvit_tiny_dual": MixVitCfg(
+        depths=(3, 4, 18, 5),
+        mixers=(("multi_axis", "channel"),) * 4,
+        mixer_kwargs=(({"partition": "block", "window_size": 7}, {}),) * 4,
+    ),
     # 7x7 query blocks over 9x9 keys: HaloNet's block 8 / halo 3 (14x14 keys) costs 28% more MACs
     "mixvit_tiny_halo": MixVitCfg(
         depths=(3, 4, 18, 5), mixers="halo", block_mixer_kwargs={"block_size": 7, "halo_size": 1}

@@ -81,7 +81,8 @@ def test_cpu_peak_memory_sees_a_large_allocation():
 def test_bench_mixer_times_ours_against_timm(monkeypatch):
     monkeypatch.setitem(bench.MIXER_CASES, "halo", [bench.halo_case(1, 8, 16, 2, 4, 1)])
     monkeypatch.setitem(bench.MIXER_CASES, "multi_axis", [bench.partition_case(1, 8, 32, 4, "grid")])
-    for name in ("halo", "multi_axis"):
+    monkeypatch.setitem(bench.MIXER_CASES, "channel", [bench.channel_case(1, 8, 32, 2)])
+    for name in ("halo", "multi_axis", "channel"):
         rows = bench.bench_mixer(name, bench.RunSettings(min_run_time=0.01))
         assert [(r.mode, r.backend) for r in rows] == [
             ("forward", "timm"),

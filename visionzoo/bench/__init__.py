@@ -9,7 +9,7 @@
 Model statistics (parameters, GMACs, paper figures) live in :mod:`visionzoo.stats`.
 """
 
-from .mixers import MIXER_CASES, MixerCase, bench_mixer, halo_case, partition_case
+from .mixers import MIXER_CASES, MixerCase, bench_mixer, channel_case, halo_case, partition_case
 from .models import (
     ModelTiming,
     bench_model,
@@ -49,6 +49,7 @@ __all__ = [
     "bench_mixer",
     "bench_model",
     "bench_op",
+    "channel_case",
     "dense_case",
     "format_markdown",
     "format_model_timings",

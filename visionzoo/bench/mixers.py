@@ -14,7 +14,7 @@ from visionzoo.mixers import create_mixer
 from .ops import OpTiming, time_implementations
 from .timing import RunSettings, module_runner
 
-__all__ = ["MIXER_CASES", "MixerCase", "bench_mixer", "halo_case", "partition_case"]
+__all__ = ["MIXER_CASES", "MixerCase", "bench_mixer", "channel_case", "halo_case", "partition_case"]
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,36 @@ def partition_case(batch: int, size: int, dim: int, window: int, partition: str)
     return MixerCase(f"{partition} {size}x{size} C={dim} P={window}", batch, build)
 
 
-# HaloNet-style stage (block 8, halo 3) and MaxViT-T's first stage (64 channels, 56x56, P=G=7)
+class _TimmTokens(nn.Module):
+    """A timm layer over ``(B, N, C)`` tokens, fed our channels-last map."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x.flatten(1, 2)).unflatten(1, x.shape[1:3])
+
+
+def channel_case(batch: int, size: int, dim: int, groups: int) -> MixerCase:
+    from timm.models.davit import ChannelAttention
+
+    def build(device, dtype, batch):
+        theirs = ChannelAttention(dim, num_heads=groups).to(device, dtype)
+        ours = create_mixer("channel", dim, num_heads=groups).to(device, dtype)
+        ours.load_state_dict(theirs.state_dict())
+        x = torch.randn(batch, size, size, dim, device=device, dtype=dtype)
+        return ours, x, _TimmTokens(theirs), x
+
+    return MixerCase(f"{size}x{size} C={dim} groups={groups}", batch, build)
+
+
+# HaloNet-style stage (block 8, halo 3), MaxViT-T's first stage (64 channels, 56x56, P=G=7), DaViT-T's first
+# and third stages (96 channels at 56x56 in 3 groups, 384 at 14x14 in 12)
 MIXER_CASES: dict[str, list[MixerCase]] = {
     "halo": [halo_case(8, 56, 128, 4, 8, 3)],
     "multi_axis": [partition_case(8, 56, 64, 7, "block"), partition_case(8, 56, 64, 7, "grid")],
+    "channel": [channel_case(8, 56, 96, 3), channel_case(8, 14, 384, 12)],
 }
 
 

@@ -2,6 +2,7 @@
 
 from . import registry
 from .aggregated import AggregatedAttention, CosineGlobalAttention
+from .channel import ChannelAttention
 from .gates import EcaGate, EcaMixer, ElaGate, ElaMixer
 from .global_attention import GlobalAttention
 from .halo import HaloAttention
@@ -13,6 +14,7 @@ from .routing import GlobalLePEAttention, RoutingAttention
 __all__ = [
     *(name for name in registry.__all__ if name != "resolve_num_heads"),
     "AggregatedAttention",
+    "ChannelAttention",
     "CosineGlobalAttention",
     "EcaGate",
     "EcaMixer",
