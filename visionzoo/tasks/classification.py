@@ -1,4 +1,4 @@
-"""Image classification with any timm model: cross-entropy (label smoothing, mixup/cutmix), top-1/top-5."""
+"""Image classification with any timm model: cross-entropy (label smoothing, mixup/cutmix/MaskMix), top-1/top-5."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torchmetrics.classification import MulticlassAccuracy
 
 from .base import VisionTask
+from .mixing import BatchMixing
 
 __all__ = ["ClassificationTask"]
 
@@ -27,7 +27,9 @@ class ClassificationTask(VisionTask):
         label_smoothing: label smoothing of the cross-entropy.
         mixup_alpha: mixup's Beta parameter (0: off).
         cutmix_alpha: cutmix's Beta parameter (0: off).
-        mix_prob: probability of mixing a batch when mixup or cutmix is on.
+        maskmix_alpha: MaskMix's (MixPro) Beta parameter of the kept area (0: off).
+        maskmix_cell: MaskMix's grid cell in pixels, a multiple of the model's patch size (None: the patch size).
+        mix_prob: probability of mixing a batch when a mix is on; with several on, each batch picks one at random.
         **training: optimizer, schedule and EMA settings, see :class:`~visionzoo.tasks.base.VisionTask`.
     """
 
@@ -42,6 +44,8 @@ class ClassificationTask(VisionTask):
         label_smoothing: float = 0.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
+        maskmix_alpha: float = 0.0,
+        maskmix_cell: int | None = None,
         mix_prob: float = 1.0,
         **training: Any,
     ):
@@ -51,15 +55,9 @@ class ClassificationTask(VisionTask):
         self.attach(
             timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **(model_kwargs or {}))
         )
-        self.mixup = None
-        if mixup_alpha > 0 or cutmix_alpha > 0:
-            self.mixup = Mixup(
-                mixup_alpha=mixup_alpha,
-                cutmix_alpha=cutmix_alpha,
-                prob=mix_prob,
-                label_smoothing=label_smoothing,
-                num_classes=num_classes,
-            )
+        self.mixing = BatchMixing(
+            self.model, num_classes, mixup_alpha, cutmix_alpha, maskmix_alpha, maskmix_cell, mix_prob, label_smoothing
+        )
         top_k = (1, 5) if num_classes > 5 else (1,)
         for stage in ("val", "test"):
             for k in top_k:
@@ -70,8 +68,9 @@ class ClassificationTask(VisionTask):
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
-        if self.mixup is not None and len(images) % 2 == 0:  # timm's Mixup pairs the batch with its reverse
-            images, targets = self.mixup(images, labels)
+        mixed = self.mixing(images, labels)
+        if mixed is not None:
+            images, targets = mixed
             loss = SoftTargetCrossEntropy()(self.model(images), targets)
         else:
             loss = F.cross_entropy(self.model(images), labels, label_smoothing=self.hparams.label_smoothing)
