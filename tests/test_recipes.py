@@ -61,6 +61,10 @@ def _offline_small(model: dict) -> dict:
         args["detector_kwargs"].update(min_size=96, max_size=128)
     if args.get("pretrained"):
         args["pretrained"] = False
+    if args.get("teacher_checkpoint"):  # the quickstart's run: its architecture, untrained
+        teacher = yaml.safe_load(recipe_path("classification/quickstart.yaml").read_text())["model"]["init_args"]
+        args.update(teacher=teacher["model_name"], teacher_checkpoint=None)
+        args["teacher_kwargs"] = {**teacher["model_kwargs"], "num_classes": 10}
     return model
 
 

@@ -36,6 +36,8 @@ __all__ = [
 
 # where a visionzoo task keeps its model's weights in a Lightning state dict: the EMA's first, when it has one
 _TASK_PREFIXES = ("ema.module.", "model.")
+# a task's training-only weights (a distillation's projections), left out when its checkpoint rebuilds the model
+TRAINING_ONLY_PREFIX = "distiller."
 
 
 def read_checkpoint(path: str | Path) -> Mapping:
@@ -104,12 +106,16 @@ def _task_from_hparams(hparams: Mapping) -> LightningModule:
 
     # LightningCLI records the task class (``_class_path``); older checkpoints tell it by their arguments
     guess = "DetectionTask" if "detector" in hparams else "SegmentationTask" if "decoder" in hparams else None
+    if "teacher_checkpoint" in hparams:  # a distillation's
+        guess = "SegmentationDistillationTask" if "decoder" in hparams else "DistillationTask"
     class_name = str(hparams.get("_class_path", guess or "ClassificationTask")).rpartition(".")[2]
     if class_name not in tasks.__all__:
         raise ValueError(f"task {hparams['_class_path']!r} is not a visionzoo task")
     task = getattr(tasks, class_name)
     hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}  # Lightning's own entries
     hparams = {**hparams, **({"pretrained": False} if "pretrained" in hparams else {})}
+    if hasattr(task, "student_of"):  # a distillation's checkpoint rebuilds its student alone
+        task, hparams = task.student_of(hparams)
     for nested in ("detector_kwargs", "segmenter_kwargs"):
         backbone_kwargs = (hparams.get(nested) or {}).get("backbone_kwargs") or {}
         if backbone_kwargs.get("pretrained"):
@@ -157,7 +163,8 @@ def _rebuild_trained(raw: Mapping, hparams: Mapping, checkpoint: str | Path, kwa
         task = _task_from_hparams(hparams)
     except TypeError as error:
         raise ValueError(f"{checkpoint} was not written by a visionzoo task: {error}") from error
-    missing, unexpected = task.load_state_dict(raw["state_dict"], strict=False)
+    state = {k: v for k, v in raw["state_dict"].items() if not k.startswith(TRAINING_ONLY_PREFIX)}
+    missing, unexpected = task.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {checkpoint} does not fit the {type(task).__name__} its hyper-parameters describe: "

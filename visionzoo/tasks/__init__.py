@@ -3,6 +3,14 @@
 from .base import VisionTask
 from .classification import ClassificationTask
 from .detection import DetectionTask
+from .distillation import DistillationTask, SegmentationDistillationTask
 from .segmentation import SegmentationTask
 
-__all__ = ["ClassificationTask", "DetectionTask", "SegmentationTask", "VisionTask"]
+__all__ = [
+    "ClassificationTask",
+    "DetectionTask",
+    "DistillationTask",
+    "SegmentationDistillationTask",
+    "SegmentationTask",
+    "VisionTask",
+]

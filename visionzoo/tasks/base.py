@@ -116,6 +116,8 @@ class VisionTask(pl.LightningModule):
             layer_decay=hp.layer_decay,
             **(hp.optimizer_kwargs or {}),
         )
+        for group in self.extra_param_groups():
+            optimizer.add_param_group({"lr": hp.lr, "weight_decay": hp.weight_decay, **group})
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = self.trainer.max_epochs if (self.trainer.max_epochs or 0) > 0 else 1
         warmup = hp.warmup_steps + int(hp.warmup_epochs * total / epochs)
@@ -128,6 +130,23 @@ class VisionTask(pl.LightningModule):
 
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def extra_param_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups trained beside the model's (a distillation's projections), under the same schedule."""
+        return []
+
+    def train_forward(self, images: torch.Tensor) -> Any:
+        """The trained model's outputs in a training step (a distillation also records its feature maps)."""
+        return self.model(images)
+
+    def training_loss(self, batch) -> torch.Tensor:
+        """The task's loss on a training batch (through :meth:`train_forward`); ``training_step`` logs it."""
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx):
+        loss = self.training_loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])

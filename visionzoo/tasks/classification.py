@@ -66,16 +66,13 @@ class ClassificationTask(VisionTask):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.eval_model(images)
 
-    def training_step(self, batch, batch_idx):
+    def training_loss(self, batch) -> torch.Tensor:
         images, labels = batch
         mixed = self.mixing(images, labels)
         if mixed is not None:
             images, targets = mixed
-            loss = SoftTargetCrossEntropy()(self.model(images), targets)
-        else:
-            loss = F.cross_entropy(self.model(images), labels, label_smoothing=self.hparams.label_smoothing)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
+            return SoftTargetCrossEntropy()(self.train_forward(images), targets)
+        return F.cross_entropy(self.train_forward(images), labels, label_smoothing=self.hparams.label_smoothing)
 
     def _evaluate(self, batch, stage: str) -> None:
         images, labels = batch

@@ -55,15 +55,14 @@ class SegmentationTask(VisionTask):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.eval_model(images)["out"]
 
-    def training_step(self, batch, batch_idx):
+    def training_loss(self, batch) -> torch.Tensor:
         images, masks = batch
-        outputs = self.model(images)
+        outputs = self.train_forward(images)
         loss = F.cross_entropy(outputs["out"], masks, ignore_index=self.hparams.ignore_index)
         if "aux" in outputs:
             aux = F.cross_entropy(outputs["aux"], masks, ignore_index=self.hparams.ignore_index)
             self.log("train/aux_loss", aux)
             loss = loss + self.hparams.aux_weight * aux
-        self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def _evaluate(self, batch, metrics, stage: str) -> None:
