@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 LISTABLE = ("models", "mixers", "recipes", "ops")
 # handed to Lightning's CLI (visionzoo.training): recipes, overrides, --print_config
@@ -62,10 +63,25 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"error: unknown model {', '.join(unknown)} (visionzoo list models: ours)", file=sys.stderr)
         return 2
     try:
+        if args.onnx:
+            return _bench_onnx(args)
         return _bench_models(args) if args.models else _bench_ops(args)
-    except ValueError as error:  # an unknown op, mixer, case or backend
+    except ValueError as error:  # an unknown op, mixer, case or backend; an ONNX file without a fixed size
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def _bench_onnx(args: argparse.Namespace) -> int:
+    from visionzoo.bench.onnx import bench_onnx, format_onnx_timings
+
+    missing = [path for path in args.onnx if not Path(path).is_file()]
+    if missing:
+        print(f"error: no ONNX file at {', '.join(missing)}", file=sys.stderr)
+        return 2
+    size = tuple(args.img_size) if args.img_size else None
+    rows = [bench_onnx(path, size, args.batch or 32, args.min_run_time) for path in args.onnx]
+    print(format_onnx_timings(rows))
+    return 0
 
 
 def _bench_ops(args: argparse.Namespace) -> int:
@@ -160,8 +176,14 @@ def _export(args: argparse.Namespace) -> int:
     from visionzoo.checkpoints import is_detector, load_model
     from visionzoo.export import check_onnx, default_input_size, export_onnx
 
+    if args.int8 and not args.calibration:
+        print("error: --int8 needs --calibration RECIPE (its val split calibrates the ranges)", file=sys.stderr)
+        return 2
+    args.dynamic = args.dynamic or args.int8  # calibration and test batches of any size
     try:
         model = load_model(args.model, args.checkpoint)
+        if args.int8 and is_detector(model):
+            raise ValueError("--int8 serves classifiers and segmenters, not torchvision detectors")
         size = tuple(args.img_size or default_input_size(model, args.dynamic))
         name = args.model or model.pretrained_cfg.get("architecture", "model")
         if not hasattr(model, "num_classes"):  # a detector or a segmenter over the backbone `name`
@@ -176,7 +198,7 @@ def _export(args: argparse.Namespace) -> int:
     shape = "dynamic HxW" if args.dynamic else f"static {size[0]}x{size[1]}"
     print(f"wrote {path} ({batch}, {shape})")
     if args.no_check:
-        return 0
+        return _export_int8(args, path) if args.int8 else 0
     try:
         results = check_onnx(model, path, _check_sizes(args, model, size), tolerance=args.tolerance)
     except RuntimeError as error:  # ExportError: the file does not load
@@ -189,6 +211,36 @@ def _export(args: argparse.Namespace) -> int:
     if failed:
         print(
             f"error: {path} differs from torch (tolerance {args.tolerance:g}) at {'; '.join(failed)}", file=sys.stderr
+        )
+        return 2
+    return _export_int8(args, path) if args.int8 else 0
+
+
+def _export_int8(args: argparse.Namespace, path) -> int:
+    """Quantize the exported file, calibrated on the recipe's val split; compare it with the float file on the
+    test split (else val)."""
+    from visionzoo.quantize import compare_onnx, quantize_onnx, recipe_data
+
+    int8_path = path.with_name(f"{path.stem}.int8.onnx")
+    try:
+        data = recipe_data(args.calibration, args.calibration_root, args.calibration_batch_size)
+        quantize_onnx(path, int8_path, data.val_dataloader(), args.calibration_batches, args.calibration_method)
+        try:
+            split, loader = "test", data.test_dataloader()
+        except ValueError:  # no test split: the val split
+            split, loader = "val", data.val_dataloader()
+        comparison = compare_onnx(path, int8_path, loader)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:  # QuantizeError, UnsafeRecipeError, a split
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    sizes = [p.stat().st_size / 2**20 for p in (path, int8_path)]
+    print(f"wrote {int8_path} (int8, {sizes[1]:.2f} MiB against {sizes[0]:.2f} MiB float)")
+    print(f"int8 against float on the {split} split: {comparison.describe()}")
+    if comparison.agreement < args.int8_min_agreement:
+        print(
+            f"error: {int8_path} agrees with the float model on {comparison.agreement:.2%} of top-1 predictions, "
+            f"under --int8-min-agreement {args.int8_min_agreement:.2%}",
+            file=sys.stderr,
         )
         return 2
     return 0
@@ -209,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("models", nargs="*", help="models to time: latency, throughput, memory, params, GMACs")
     bench.add_argument("--compare", action="append", help="timm model timed alongside; ratios are against the first")
     bench.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="model input (default: model's)")
+    bench.add_argument("--onnx", action="append",
+                       help="ONNX file to time in onnxruntime (repeatable; ratios against the first)")  # fmt: skip
     bench.add_argument("--op", action="append", help="kernel op to time (repeatable; default: all with cases)")
     bench.add_argument("--mixer", action="append", help="mixer to time against timm's layer (repeatable)")
     bench.add_argument("--device", default="cpu")
@@ -248,6 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable; default: 97x75, 320x256, 64x64, 417x403, those the model accepts)")  # fmt: skip
     export.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference allowed (default: 1e-4)")
     export.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
+    export.add_argument("--int8", action="store_true", help="also write MODEL.int8.onnx: static int8 (QDQ) "
+                        "calibrated on --calibration's val split (implies --dynamic)")  # fmt: skip
+    export.add_argument("--calibration", metavar="RECIPE", help="--int8: the recipe whose data calibrates")
+    export.add_argument("--calibration-root", metavar="DIR", help="--int8: the recipe's data root replaced")
+    export.add_argument("--calibration-batches", type=int, default=16, help="--int8: val batches (default 16)")
+    export.add_argument("--calibration-batch-size", type=int, help="--int8: the recipe's batch size replaced")
+    export.add_argument("--calibration-method", default="minmax", choices=("minmax", "entropy", "percentile"))
+    export.add_argument("--int8-min-agreement", type=float, default=0.9,
+                        help="--int8: least share of top-1 equal to the float model's (default 0.9)")  # fmt: skip
     export.set_defaults(run=_export)
 
     explain = commands.add_parser("explain", help="draw Grad-CAM, or one query's attention, over an image")
