@@ -101,3 +101,30 @@ def test_int8_errors_are_one_line(trained, tmp_path, capsys):
 
     assert main(["bench", "--onnx", str(tmp_path / "none.onnx")]) == 2
     assert "no ONNX file at" in capsys.readouterr().err
+
+
+def test_int8_segmenter_is_compared_per_pixel(tmp_path):
+    """A segmenter's val batches carry each mask at its stored size: the comparison reads the images alone and
+    scores per pixel; an untrained segmenter's logits stay within a tenth of their spread."""
+    import numpy as np
+    import onnxruntime
+
+    from visionzoo.data import SegmentationData
+    from visionzoo.export import export_onnx
+    from visionzoo.heads import create_segmenter
+    from visionzoo.quantize import quantize_onnx
+
+    from tiny_datasets import write_ade20k
+
+    tiny = dict(embed_dim=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), mixers="eca")
+    segmenter = create_segmenter("semantic_fpn", "mixvit_tiny", 4, channels=16, backbone_kwargs=tiny).eval()
+    float_path = export_onnx(segmenter, tmp_path / "fpn.onnx", input_size=(64, 64), dynamic=True)
+    root = write_ade20k(tmp_path / "ade", images=4, num_classes=4)
+    data = SegmentationData(str(root), layout="ade20k", num_classes=4, batch_size=2, image_size=64)
+    int8_path = quantize_onnx(float_path, tmp_path / "fpn.int8.onnx", data.val_dataloader(), batches=2)
+    comparison = compare_onnx(float_path, int8_path, data.val_dataloader())
+    assert comparison.images == 4 and comparison.float_top1 is None  # no image labels: agreement only
+    images = next(iter(data.val_dataloader()))[0].numpy()
+    logits = onnxruntime.InferenceSession(str(float_path)).run(None, {"images": images})[0]
+    assert logits.shape == (2, 4, 64, 64)
+    assert comparison.max_abs_diff <= 0.1 * float(np.ptp(logits)), (comparison, float(np.ptp(logits)))
