@@ -14,8 +14,8 @@ labels when the data has them.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -80,13 +80,6 @@ def _labels(batch) -> torch.Tensor | None:
     return None
 
 
-def _batches(loader: DataLoader, limit: int | None) -> Iterator:
-    for index, batch in enumerate(loader):
-        if limit is not None and index >= limit:
-            return
-        yield batch
-
-
 def quantize_onnx(
     float_path: str | Path,
     int8_path: str | Path,
@@ -115,13 +108,13 @@ def quantize_onnx(
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = (_images(batch).numpy() for batch in _batches(calibration, batches))
+            self.batches = (_images(batch).numpy() for batch in islice(calibration, batches))
 
         def get_next(self):
             images = next(self.batches, None)
             return None if images is None else {"images": images}
 
-    if next(iter(_batches(calibration, 1)), None) is None:
+    if next(iter(calibration), None) is None:
         raise QuantizeError("the calibration split is empty")
     int8_path = Path(int8_path)
     with tempfile.TemporaryDirectory() as scratch:
@@ -173,7 +166,7 @@ def compare_onnx(float_path: str | Path, int8_path: str | Path, loader: DataLoad
     correct = [0, 0]
     labelled = True
     worst = 0.0
-    for batch in _batches(loader, limit):
+    for batch in islice(loader, limit):
         inputs = _images(batch).numpy()
         outputs = [session.run(None, {session.get_inputs()[0].name: inputs})[0] for session in sessions]
         worst = max(worst, float(np.abs(outputs[0] - outputs[1]).max()))
