@@ -15,7 +15,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["class_color", "write_ade20k", "write_coco", "write_idx", "write_imagefolder", "write_voc"]
+__all__ = [
+    "class_color",
+    "write_ade20k",
+    "write_coco",
+    "write_garments_idx",
+    "write_idx",
+    "write_imagefolder",
+    "write_voc",
+]
 
 
 def class_color(label: int) -> tuple[int, int, int]:
@@ -98,6 +106,25 @@ def write_idx(
             images[i, row : row + 4, 2:-2] = 200 + int(rng.integers(0, 56))
         _write_idx_file(root / f"{prefix}-images-idx3-ubyte", images, compress)
         _write_idx_file(root / f"{prefix}-labels-idx1-ubyte", labels.astype(np.uint8), compress)
+    return root
+
+
+def write_garments_idx(root: str | Path, train: int = 120, test: int = 30, num_classes: int = 10) -> Path:
+    """Fashion-MNIST-like IDX files: a class-wide rectangle on a black background (a faint 1-pixel halo
+    around it, a dark hole inside), each train image at its own brightness ``100 + i`` (mod 150) and every
+    test image at 255, so a canvas's pixels tell which source images it used. Returns ``root``."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, count in (("train", train), ("t10k", test)):
+        labels = np.arange(count) % num_classes
+        images = np.zeros((count, 28, 28), np.uint8)
+        for i, label in enumerate(labels):
+            half = 3 + int(label)
+            images[i, 3:25, 13 - half : 15 + half] = 5  # halo, under the garment threshold
+            images[i, 4:24, 14 - half : 14 + half] = 255 if prefix == "t10k" else 100 + i % 150
+            images[i, 12:14, 13:15] = 0  # a hole: part of the garment's mask
+        _write_idx_file(root / f"{prefix}-images-idx3-ubyte", images, compress=True)
+        _write_idx_file(root / f"{prefix}-labels-idx1-ubyte", labels.astype(np.uint8), compress=True)
     return root
 
 

@@ -246,6 +246,24 @@ def _export_int8(args: argparse.Namespace, path) -> int:
     return 0
 
 
+def _fashion_scenes(args: argparse.Namespace) -> int:
+    from visionzoo.data.scenes import scene_baselines, write_fashion_scenes
+
+    counts = dict(train=args.train, val=args.val, test=args.test)
+    try:
+        garments = write_fashion_scenes(args.source, args.out, counts=counts, seed=args.seed)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for split, count in counts.items():
+        print(f"{split}: {count} canvases, {garments[split]} garments")
+    if args.test:
+        baselines = scene_baselines(args.out, "test")
+        print("untrained baselines on the test split: " + ", ".join(f"{k} {v:.4f}" for k, v in baselines.items()))
+    print(f"written under {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionzoo", description="visionzoo: vision backbones for timm.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -312,6 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--int8-min-agreement", type=float, default=0.9,
                         help="--int8: least share of top-1 equal to the float model's (default 0.9)")  # fmt: skip
     export.set_defaults(run=_export)
+
+    data = commands.add_parser("data", help="write a dataset").add_subparsers(dest="dataset", required=True)
+    scenes = data.add_parser("fashion-scenes", help="Fashion-MNIST garments on canvases: COCO JSON + label PNGs")
+    scenes.add_argument("--out", required=True, help="dataset folder to write")
+    scenes.add_argument("--source", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST IDX files")
+    scenes.add_argument("--seed", type=int, default=0)
+    scenes.add_argument("--train", type=int, default=6000, help="training canvases (default 6000)")
+    scenes.add_argument("--val", type=int, default=500, help="validation canvases (default 500)")
+    scenes.add_argument("--test", type=int, default=1000, help="test canvases (default 1000)")
+    scenes.set_defaults(run=_fashion_scenes)
 
     explain = commands.add_parser("explain", help="draw Grad-CAM, or one query's attention, over an image")
     explain.add_argument("model", nargs="?", help="registered model name (optional with a visionzoo fit checkpoint)")

@@ -131,9 +131,10 @@ class SegmentationData(VisionDataModule):
     """Semantic segmentation from the ADE20K or the VOC layout.
 
     ``ade20k``: label 0 ("other") becomes ``ignore_index`` and the others shift down by one (mmseg's
-    ``reduce_zero_label``), 150 classes. ``voc``: palette PNGs whose indices are the labels, 255 ignored,
-    21 classes. A stored value that maps to neither a class nor ``ignore_index`` raises a ValueError naming
-    the file.
+    ``reduce_zero_label``), 150 classes; with ``reduce_zero_label=False`` the stored values are the labels
+    (0 a class of its own, e.g. the background of ``visionzoo data fashion-scenes``). ``voc``: palette PNGs
+    whose indices are the labels, 255 ignored, 21 classes. A stored value that maps to neither a class nor
+    ``ignore_index`` raises a ValueError naming the file.
 
     Default pipelines at ``image_size`` (H, W): train: short side to min(H, W), random rescale x0.5-2.0, pad
     (label ``ignore_index``), random crop H x W, horizontal flip; eval: long side to max(H, W) and pad to
@@ -143,6 +144,8 @@ class SegmentationData(VisionDataModule):
     Args:
         layout: ``ade20k`` or ``voc``.
         num_classes: None: the layout's (150 / 21).
+        reduce_zero_label: None: the layout's (``ade20k`` True, ``voc`` False).
+        class_names: names of the labels 0..num_classes-1; None: the layout's (``class_i`` past them).
         ignore_index: label of unlabelled pixels, 0..255.
         eval_at_label_size: val and test batches keep each label at its stored size, ``(images, [masks],
             boxes)`` with the box of each image's content in the transformed image, so that the task scores
@@ -161,6 +164,8 @@ class SegmentationData(VisionDataModule):
         num_classes: int | None = None,
         ignore_index: int = 255,
         eval_at_label_size: bool = True,
+        reduce_zero_label: bool | None = None,
+        class_names: list[str] | None = None,
         **kwargs: Any,
     ):
         if layout not in LAYOUTS:
@@ -172,7 +177,10 @@ class SegmentationData(VisionDataModule):
         self.save_hyperparameters(ignore=["num_classes"])  # the task logs the resolved count
         self.layout_name = layout
         self.ignore_index, self.eval_at_label_size = ignore_index, eval_at_label_size
-        names = ADE20K_CLASSES if layout == "ade20k" else VOC_CLASSES
+        self.reduce_zero_label = layout == "ade20k" if reduce_zero_label is None else reduce_zero_label
+        names = class_names or (ADE20K_CLASSES if layout == "ade20k" else VOC_CLASSES)
+        if num_classes is None and class_names:
+            num_classes = len(class_names)
         self.num_classes = len(names) if num_classes is None else num_classes
         if not 1 <= self.num_classes <= 255:
             raise ValueError(f"num_classes must be in 1..255, got {self.num_classes}")
@@ -186,9 +194,9 @@ class SegmentationData(VisionDataModule):
             raise FileNotFoundError(f"SegmentationData: no train split in {str(self.root)!r}; {self.layout}")
 
     def label_table(self) -> np.ndarray:
-        """Stored value -> label: ADE20K shifts down by one with 0 -> ignore; VOC keeps values."""
+        """Stored value -> label: shifted down by one with 0 -> ignore under ``reduce_zero_label``, else kept."""
         table = np.arange(256, dtype=np.int64)
-        if self.layout_name == "ade20k":
+        if self.reduce_zero_label:
             table = table - 1
             table[0] = self.ignore_index
         return table.astype(np.uint8)
