@@ -8,7 +8,8 @@ the task gets ``num_classes`` from the data. Unless the recipe says otherwise, a
 - ``checkpoints/last.ckpt`` (at each validation, and every ``--last_every_n_steps`` or else every
   ``--last_every_minutes``, 30 by default; ``--ckpt_path last`` resumes from it, mid-epoch included:
   the training loader is stateful) and the best checkpoint by the task's validation metric;
-- CSV and TensorBoard logs under ``logs/``, and ``learning_curves.png`` beside the CSV at the end of ``fit``;
+- CSV and TensorBoard logs under ``logs/``, ``learning_curves.png`` beside the CSV at the end of ``fit`` and
+  ``test_predictions.png`` (the first test images with the predictions drawn) at the end of ``test``;
 - a rich progress bar;
 - checkpoints written atomically and durably (a temporary file fsynced and renamed into place), and a stop with the step
   named at a NaN/Inf loss, before it reaches the weights.
@@ -44,6 +45,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from visionzoo.allowlist import ALLOW_ANY_FLAG, UnsafeRecipeError, check_command_line, check_imports, import_policy
 from visionzoo.backbones.helpers import PretrainedWeightsError
 from visionzoo.data.base import VisionDataModule
+from visionzoo.pictures import PredictionsPicture
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -270,7 +272,7 @@ class VisionZooCLI(LightningCLI):
             isinstance(c, RichProgressBar) for c in given
         ):
             callbacks.append(RichProgressBar())
-        callbacks += [LearningCurves(), StopOnNonFiniteLoss()]
+        callbacks += [LearningCurves(), StopOnNonFiniteLoss(), PredictionsPicture()]
         if not config.get("plugins"):
             config["plugins"] = [AtomicCheckpointIO()]
         return super()._instantiate_trainer(config, callbacks)
