@@ -33,12 +33,12 @@ def _has(picture: Image.Image, colour) -> bool:
     return bool((np.asarray(picture) == np.array(colour, np.uint8)).all(-1).any())
 
 
-def test_detections_above_the_threshold_are_drawn_in_their_class_colour():
+def test_detections_above_the_threshold_and_not_covered_are_drawn_in_their_class_colour():
     image = np.zeros((32, 32, 3), np.uint8)
     detections = dict(
-        boxes=torch.tensor([[4.0, 4.0, 20.0, 20.0], [2.0, 2.0, 30.0, 30.0]]),
-        labels=torch.tensor([2, 3]),
-        scores=torch.tensor([0.9, 0.1]),
+        boxes=torch.tensor([[4.0, 4.0, 20.0, 20.0], [2.0, 2.0, 30.0, 30.0], [4.0, 4.0, 20.0, 21.0]]),
+        labels=torch.tensor([2, 3, 1]),
+        scores=torch.tensor([0.9, 0.1, 0.8]),
     )
     picture = draw_detections(image, detections, NAMES, threshold=0.3, side=64)
     colours = class_colours(len(NAMES))
@@ -46,6 +46,7 @@ def test_detections_above_the_threshold_are_drawn_in_their_class_colour():
     assert picture.size == (64, 64)  # upscaled x2: the box's left edge lies at x = 8
     assert (pixels[20:40, 8] == colours[2]).all()
     assert not _has(picture, colours[3]), "a box under the threshold was drawn"
+    assert not _has(picture, colours[1]), "a box covering a better one (another class) was drawn"
 
 
 def test_segmentation_panels_colour_each_class_and_grey_the_ignored():

@@ -58,15 +58,26 @@ def draw_classification(image: np.ndarray, predicted: str, truth: str, side: int
 
 
 def draw_detections(
-    image: np.ndarray, detections: dict[str, torch.Tensor], names: list[str], threshold: float = 0.3, side: int = 256
+    image: np.ndarray,
+    detections: dict[str, torch.Tensor],
+    names: list[str],
+    threshold: float = 0.5,
+    overlap: float = 0.6,
+    side: int = 256,
 ) -> Image.Image:
-    """Boxes scoring at least ``threshold`` with their class and score, a colour per class."""
+    """Boxes scoring at least ``threshold`` with their class and score, a colour per class. A box that overlaps
+    a higher-scoring one of any class by more than ``overlap`` (IoU) is left out: the detector's own NMS is per
+    class, which leaves a garment's second-guess classes on the picture."""
+    from torchvision.ops import nms
+
     picture = _upscaled(image, side)
     scale = picture.width / image.shape[1]
     colours = class_colours(len(names))
     draw = ImageDraw.Draw(picture)
-    keep = detections["scores"] >= threshold
-    for box, label, score in zip(detections["boxes"][keep], detections["labels"][keep], detections["scores"][keep]):
+    boxes, scores = detections["boxes"].float(), detections["scores"].float()
+    keep = nms(boxes, scores, overlap)
+    keep = keep[scores[keep] >= threshold]
+    for box, label, score in zip(boxes[keep], detections["labels"][keep], scores[keep]):
         x0, y0, x1, y1 = (float(v) * scale for v in box)
         colour = tuple(int(c) for c in colours[int(label)])
         draw.rectangle((x0, y0, x1, y1), outline=colour, width=2)
