@@ -103,6 +103,7 @@ def test_int8_errors_are_one_line(trained, tmp_path, capsys):
     assert "no ONNX file at" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # an export and a calibration of its own (about 30 s on 2 cores): `make test-slow`
 def test_int8_segmenter_is_compared_per_pixel(tmp_path):
     """A segmenter's val batches carry each mask at its stored size: the comparison reads the images alone and
     scores per pixel; an untrained segmenter's logits stay within a tenth of their spread."""

@@ -16,9 +16,10 @@ import yaml
 import visionzoo
 from visionzoo.checkpoints import load_model
 from visionzoo.cli import main
+from visionzoo.data.scenes import SceneSpec, write_fashion_scenes
 from visionzoo.heads import create_segmenter
 
-from tiny_datasets import write_ade20k, write_coco, write_idx, write_imagefolder
+from tiny_datasets import write_ade20k, write_coco, write_garments_idx, write_idx, write_imagefolder
 
 RECIPES = visionzoo.list_recipes()
 CPU_TRAINER = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32"]
@@ -33,7 +34,11 @@ def _tiny_data(data: dict, tmp: Path) -> dict:
     """The recipe's data section pointed at a generated dataset of the same format."""
     args = data["init_args"]
     kind = data["class_path"].rsplit(".", 1)[-1]
-    if kind == "ClassificationData" and args.get("format") == "idx":
+    if "fashion-scenes" in args["root"]:  # the quickstarts' data, from Fashion-MNIST-like files
+        args["root"] = str(tmp / "scenes")
+        counts, spec = dict(train=4, val=2, test=2), SceneSpec(64, garment_size=(20, 32))
+        write_fashion_scenes(write_garments_idx(tmp / "garments"), args["root"], counts=counts, spec=spec)
+    elif kind == "ClassificationData" and args.get("format") == "idx":
         args["root"] = str(write_idx(tmp / "idx", train=40, test=8))
     elif kind == "ClassificationData":
         args["root"] = str(write_imagefolder(tmp / "folder", num_classes=3, per_class=2, size=(48, 40)))
@@ -128,7 +133,7 @@ def _quickstart(root: Path, run: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_fit_writes_checkpoints_logs_and_curves_then_exports(fashion_like, tmp_path, capsys):
+def test_fit_writes_checkpoints_logs_curves_and_pictures_then_exports(fashion_like, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["fit", *_quickstart(fashion_like, run, "--trainer.max_epochs=1")]) == 0
     assert (run / "checkpoints" / "last.ckpt").is_file()
@@ -137,6 +142,7 @@ def test_fit_writes_checkpoints_logs_and_curves_then_exports(fashion_like, tmp_p
     assert (run / "logs" / "version_0" / "learning_curves.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "test/top1" in out, "fit did not test the best checkpoint"
+    assert (run / "logs" / "version_0" / "test_predictions.png").stat().st_size > 1000, "no picture of the test"
 
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["hyper_parameters"]["num_classes"] == 10, "num_classes not linked from the data"
