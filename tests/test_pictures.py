@@ -58,6 +58,7 @@ def test_segmentation_panels_colour_each_class_and_grey_the_ignored():
     picture = np.asarray(draw_segmentation(image, predicted, truth, num_classes=3, side=8))
     colours = class_colours(3)
     assert (colours[0] == 0).all() and len({tuple(c) for c in colours}) == 3
+    assert len({tuple(c) for c in class_colours(151)}) == 151, "ADE20K's classes share colours"
     assert (picture[0, 12:16] == colours[0]).all() and (picture[0, 16:20] == colours[2]).all()
     assert (picture[0, 24:32] == colours[1]).all() and (picture[7, 24:32] == 128).all()
 

@@ -21,10 +21,11 @@ CORRECT, WRONG = (40, 200, 80), (230, 50, 50)
 
 
 def class_colours(num_classes: int) -> np.ndarray:
-    """uint8 (num_classes, 3): black for label 0 of a segmentation (the background), distinct hues after."""
+    """uint8 (num_classes, 3): black for label 0 (a scene's background), distinct colours after (tab20's up to
+    21 classes, hues spread around the colour wheel beyond)."""
     import matplotlib
 
-    table = matplotlib.colormaps["tab20"].resampled(max(num_classes - 1, 1))
+    table = matplotlib.colormaps["tab20" if num_classes <= 21 else "hsv"].resampled(max(num_classes - 1, 1))
     hues = [table(i)[:3] for i in range(max(num_classes - 1, 1))]
     return (np.array([(0, 0, 0), *hues][:num_classes]) * 255).astype(np.uint8)
 
