@@ -30,6 +30,11 @@ def class_colours(num_classes: int) -> np.ndarray:
     return (np.array([(0, 0, 0), *hues][:num_classes]) * 255).astype(np.uint8)
 
 
+def find_csv_logger(trainer: Trainer) -> CSVLogger | None:
+    """The run's CSV logger (beside whose ``metrics.csv`` the pictures go), if it has one."""
+    return next((logger for logger in trainer.loggers if isinstance(logger, CSVLogger)), None)
+
+
 def to_uint8(image: torch.Tensor, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)) -> np.ndarray:
     """A (3, H, W) image tensor, normalised by ``mean``/``std``, as uint8 (H, W, 3)."""
     pixels = image.detach().float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
@@ -106,16 +111,6 @@ def grid(pictures: list[Image.Image], columns: int) -> Image.Image:
     return canvas
 
 
-def _segmentation_maps(logits: torch.Tensor, truth, box) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted and true label maps at the label's size (a prediction cropped to ``box`` when given)."""
-    if box is not None:
-        top, left, bottom, right = box.tolist()
-        logits = torch.nn.functional.interpolate(
-            logits[None, :, top:bottom, left:right], size=truth.shape, mode="bilinear", align_corners=False
-        )[0]
-    return logits.argmax(0).byte().cpu().numpy(), truth.byte().cpu().numpy()
-
-
 def with_legend(picture: Image.Image, names: list[str], colours: np.ndarray) -> Image.Image:
     """``picture`` above a key of the class colours."""
     per_row = max(1, picture.width // 150)
@@ -133,6 +128,7 @@ def with_legend(picture: Image.Image, names: list[str], colours: np.ndarray) -> 
 @torch.no_grad()
 def draw_predictions(task: LightningModule, batch, data, count: int) -> Image.Image:
     """The first ``count`` images of ``batch`` with ``task``'s predictions, drawn for its kind of task."""
+    from visionzoo.data.segmentation import to_label_size
     from visionzoo.tasks import ClassificationTask, DetectionTask, SegmentationTask
 
     config = data.data_config
@@ -148,13 +144,13 @@ def draw_predictions(task: LightningModule, batch, data, count: int) -> Image.Im
         boxes = batch[2] if len(batch) == 3 else [None] * len(images)
         pictures = []
         for image, image_logits, truth, box in zip(images, logits, batch[1], boxes):
-            predicted, truth = _segmentation_maps(image_logits, truth, box)
-            if box is not None:
-                top, left, bottom, right = box.tolist()
-                image = torch.nn.functional.interpolate(
-                    image[None, :, top:bottom, left:right], size=truth.shape, mode="bilinear", align_corners=False
-                )[0]
-            pictures.append(draw_segmentation(to_uint8(image, config.mean, config.std), predicted, truth, len(names)))
+            if box is not None:  # the label at its stored size: the image and logits brought to it
+                image, image_logits = (to_label_size(maps, box, truth.shape) for maps in (image, image_logits))
+            predicted = image_logits.argmax(0).byte().cpu().numpy()
+            picture = draw_segmentation(
+                to_uint8(image, config.mean, config.std), predicted, truth.byte().cpu().numpy(), len(names)
+            )
+            pictures.append(picture)
         return with_legend(grid(pictures, columns=2), names, class_colours(len(names)))
     if isinstance(task, ClassificationTask):
         predicted = task(images).argmax(-1).tolist()
@@ -174,12 +170,11 @@ class PredictionsPicture(Callback):
         self.count = count
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
-        data = trainer.datamodule
-        if csv_logger is None or not trainer.is_global_zero or not hasattr(data, "data_config"):
+        logger, data = find_csv_logger(trainer), trainer.datamodule
+        if logger is None or not trainer.is_global_zero or not hasattr(data, "data_config"):
             return
         batch = next(iter(data.test_dataloader()))
-        out = Path(csv_logger.log_dir) / "test_predictions.png"
+        out = Path(logger.log_dir) / "test_predictions.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         draw_predictions(pl_module, batch, data, self.count).save(out)
         print(f"test predictions: {out}")

@@ -45,7 +45,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from visionzoo.allowlist import ALLOW_ANY_FLAG, UnsafeRecipeError, check_command_line, check_imports, import_policy
 from visionzoo.backbones.helpers import PretrainedWeightsError
 from visionzoo.data.base import VisionDataModule
-from visionzoo.pictures import PredictionsPicture
+from visionzoo.pictures import PredictionsPicture, find_csv_logger
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -70,11 +70,11 @@ class LearningCurves(Callback):
     against the step into ``learning_curves.png`` beside ``metrics.csv``."""
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
-        if csv_logger is None or not trainer.is_global_zero:
+        logger = find_csv_logger(trainer)
+        if logger is None or not trainer.is_global_zero:
             return
-        csv_logger.save()
-        path = Path(csv_logger.log_dir) / "metrics.csv"
+        logger.save()
+        path = Path(logger.log_dir) / "metrics.csv"
         if path.is_file():
             out = plot_learning_curves(path)
             if out is not None:

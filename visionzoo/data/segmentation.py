@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from .base import Split, VisionDataModule, load_rgb
 from .transforms import Pipeline, build_pipeline
 
-__all__ = ["ADE20K_CLASSES", "VOC_CLASSES", "PadCollate", "SegmentationData", "SegmentationDataset"]
+__all__ = ["ADE20K_CLASSES", "VOC_CLASSES", "PadCollate", "SegmentationData", "SegmentationDataset", "to_label_size"]
 
 # the 150 classes of the ADE20K scene-parsing benchmark (SceneParsing objectInfo150), label 1..150 on disk
 ADE20K_CLASSES = [
@@ -79,6 +79,14 @@ def content_box(content: torch.Tensor) -> torch.Tensor:
     if len(rows) == 0:
         raise ValueError("the eval transforms leave nothing of the image (a crop outside it?)")
     return torch.stack([rows[0], cols[0], rows[-1] + 1, cols[-1] + 1])
+
+
+def to_label_size(maps: torch.Tensor, box: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(C, H, W) maps of a transformed image (logits, or the image) cropped to its content ``box`` and resized
+    bilinearly to the stored label's ``size``, as mmsegmentation scores a prediction."""
+    top, left, bottom, right = box.tolist()
+    content = maps[None, :, top:bottom, left:right]
+    return torch.nn.functional.interpolate(content, size=tuple(size), mode="bilinear", align_corners=False)[0]
 
 
 class SegmentationDataset(Dataset):

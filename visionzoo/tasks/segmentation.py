@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from visionzoo.data.segmentation import to_label_size
 from visionzoo.heads import create_segmenter
 from visionzoo.metrics import segmentation_metrics
 
@@ -71,9 +72,8 @@ class SegmentationTask(VisionTask):
         ignore = self.hparams.ignore_index
         if boxes:  # labels at their stored size: each image's logits cropped to its content, resized to its label
             losses = []
-            for image_logits, mask, (top, left, bottom, right) in zip(logits, masks, boxes[0].tolist(), strict=True):
-                content = image_logits[None, :, top:bottom, left:right]
-                resized = F.interpolate(content, size=mask.shape, mode="bilinear", align_corners=False)
+            for image_logits, mask, box in zip(logits, masks, boxes[0], strict=True):
+                resized = to_label_size(image_logits, box, mask.shape)[None]
                 losses.append(F.cross_entropy(resized, mask[None], ignore_index=ignore))
                 metrics.update(resized.argmax(1), mask[None])
             self.log(f"{stage}/loss", torch.stack(losses).mean(), batch_size=len(masks))
