@@ -32,7 +32,13 @@ Backends:
   biases, one online softmax, the learnable-token term and both value sums, with a fused
   backward; no (queries x keys) matrix in memory. Head dims 16..128, float32/16, bfloat16.
 
-``auto`` picks ``triton`` on CUDA where it runs, else ``reference``; ``flex`` only when forced.
+- ``tiled``: dense batched matrix multiplies over query tiles (``tiles.py``): each tile's queries
+  against the ``(T + window - 1)^2`` keys around them and the pooled keys under one softmax, the
+  RPB and ``-inf`` off the windows as one bias per tile pattern, the learnable-token weights added
+  at their key slots; fp32/fp64, autograd backward; inference a few tiles at a time.
+
+``auto`` picks ``triton`` on CUDA where it runs, else ``tiled`` on CPU for fp32/fp64, else
+``reference``; ``flex`` only when forced.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from .geometry import check_window_size as _check_window
 from .geometry import length_scale
 from .geometry import scaled_queries as _scaled_queries
 from .geometry import window_mask as _window_geometry
+from .tiles import add_pattern_bias, centred_window_padding, centred_window_tiles, tile_bias, tile_chunks, tile_slots
 from .windows import all_int, pool_cells
 
 __all__ = [
@@ -226,7 +233,7 @@ def aggregated_attention_unfold(
 _op = dispatch.KernelOp(
     "aggregated_attention",
     aggregated_attention_reference,
-    priority=("flex", "triton"),
+    priority=("flex", "triton", "tiled"),
     schema="(Tensor q, Tensor k, Tensor v, Tensor k_pool, Tensor v_pool, Tensor query_embedding, Tensor logit_scale, "
     "Tensor rpb, Tensor pool_bias, Tensor learnable_tokens, Tensor learnable_bias, int window_size) -> Tensor",
 )
@@ -292,6 +299,92 @@ def aggregated_attention_flex(
     out = flex_attention(q_hat.flatten(2, 3), keys, values, score_mod=score_mod, block_mask=mask, scale=1.0)
     extra = _window_sum(_learnable_affinity(q_norm, learnable_tokens, learnable_bias), v, window_size)
     return out.reshape(batch, heads, height, width, dim) + extra
+
+
+def can_run_tiled(q, k, v, k_pool, v_pool, *args) -> Capability:
+    if not all_int(*q.shape, k_pool.shape[2]) and not torch.compiler.is_compiling():
+        return Capability.no("traced with symbolic sizes: the tiles are laid out for concrete ones")
+    dtypes = {t.dtype for t in (q, k, v, k_pool, v_pool)}
+    if len(dtypes) > 1 or q.dtype not in _TILED_DTYPES:
+        return Capability.no(f"dtypes {sorted(map(str, dtypes))}: one of float32 and float64 only")
+    return Capability.yes()
+
+
+_TILED_DTYPES = (torch.float32, torch.float64)
+
+
+@functools.cache
+def aggregated_tile_size(height: int, width: int, window_size: int, pool_len: int) -> int:
+    """The query tile side with the least estimated work: pairs scored (window rectangle and pooled keys),
+    plus a fixed cost per tile."""
+
+    def cost(tile):
+        tiles = math.ceil(height / tile) * math.ceil(width / tile)
+        return tiles * (tile * tile * ((tile + window_size - 1) ** 2 + pool_len) + _TILE_OVERHEAD)
+
+    return min(range(1, max(height, width) + 1), key=cost)
+
+
+_TILE_OVERHEAD = 1024
+
+
+@functools.cache
+def _window_slots(tile: int, window_size: int, device: torch.device) -> torch.Tensor:
+    """``(tile**2, window**2)``: the key slot of each query slot's window position in a tile's rectangle."""
+    side = tile + window_size - 1
+    rows = torch.arange(tile, device=device)[:, None] + torch.arange(window_size, device=device)  # (tile, window)
+    slots = rows[:, None, :, None] * side + rows[None, :, None, :]
+    return slots.reshape(tile * tile, window_size * window_size)
+
+
+# Chosen on CPU: see docs/benchmarks.md (aggregated attention, tiled).
+@_op.register(
+    "tiled", can_run_tiled, declares=Support(("cpu", "cuda"), _TILED_DTYPES, ("cpu", "cuda")), auto_devices=("cpu",)
+)
+def aggregated_attention_tiled(
+    q, k, v, k_pool, v_pool, query_embedding, logit_scale, rpb, pool_bias, learnable_tokens, learnable_bias, window_size
+):
+    """Dense batched matrix multiplies over query tiles (``tiles.py``): each tile's queries against the keys of
+    the rectangle around them and the pooled keys under one softmax, the window RPB and ``-inf`` off the
+    windows as the bias of each tile pattern; inference a few tiles at a time."""
+    _check_window(window_size)
+    batch, heads, height, width, dim = q.shape
+    pool_len = k_pool.shape[2]
+    tile = aggregated_tile_size(height, width, window_size, pool_len)
+    tiles = centred_window_tiles(height, width, window_size, tile, q.device)
+    q_norm, q_hat = _scaled_queries(q, query_embedding, logit_scale, window_size, _unmasked_pool_len(pool_bias))
+    padding = (0, 0, *centred_window_padding(height, width, window_size, tile))
+    keys = F.pad(F.normalize(k, dim=-1), padding).flatten(2, 3)
+    values = F.pad(v, padding).flatten(2, 3)
+    q_norm, q_hat = q_norm.flatten(2, 3), q_hat.flatten(2, 3)
+    k_pool = F.normalize(k_pool, dim=-1)
+    bias = tile_bias(rpb.reshape(heads, window_size, window_size).to(q.dtype), tiles)
+    token_bias = learnable_bias.reshape(heads, 1, 1, -1)
+    query_slots, key_slots = tile * tile, tiles.keys.numel() // tiles.count
+    pool_bias = pool_bias.to(q.dtype)
+    window_slots = _window_slots(tile, window_size, q.device)
+
+    def attend(first, end, count):
+        queries = tile_slots(q_hat, tiles.queries, first, end, count)
+        local = queries @ tile_slots(keys, tiles.keys, first, end, count).mT
+        local = add_pattern_bias(local, bias, tiles.blocks, first)
+        pair_bias = pool_bias.index_select(1, tiles.queries[first * query_slots : end * query_slots])
+        pooled = queries.flatten(2, 3) @ k_pool.mT + pair_bias
+        logits = torch.cat([local, pooled.view(*local.shape[:-1], pool_len)], -1)
+        weights = logits.softmax(-1) if torch.is_grad_enabled() else torch.softmax(logits, -1, out=logits)
+        local, pooled = weights.split([key_slots, pool_len], dim=-1)
+        affinity = tile_slots(q_norm, tiles.queries, first, end, count) @ learnable_tokens[:, None] + token_bias
+        local = local.scatter_add(-1, window_slots.expand(*affinity.shape), affinity)
+        out = local @ tile_slots(values, tiles.keys, first, end, count)
+        return out.flatten(2, 3) + pooled.flatten(2, 3) @ v_pool
+
+    if dispatch.needs_grad(q, k, v, k_pool, v_pool, query_embedding, logit_scale, rpb, pool_bias, learnable_tokens):
+        out = attend(0, tiles.count, tiles.count)
+    else:
+        logit_bytes = batch * heads * query_slots * (key_slots + pool_len) * q.element_size()
+        parts = [attend(*part) for part in tile_chunks(tiles.count, logit_bytes)]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+    return out.index_select(2, tiles.outputs).view(batch, heads, height, width, dim)
 
 
 def can_run_triton(

@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 # Logits of one chunk of query regions stay below this many elements (128 MiB in fp32).
-_CHUNK_ELEMENTS = 2**25
+_CHUNK_ELEMENTS = 2**22
 
 
 def _routed(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,7 @@ def _key_bias(valid: torch.Tensor | None, index: torch.Tensor, dtype: torch.dtyp
 def _logits(q, k, bias, scale):
     with float32_logits(q, k) as (q32, k32):  # float16 q . k overflows at large activations
         logits = (q32 * scale) @ k32.transpose(-1, -2)
-    return logits if bias is None else logits + bias
+    return logits if bias is None else logits.add_(bias)
 
 
 def _routed_logits(q, k, index, valid, scale):
@@ -110,12 +110,14 @@ def _chunks(q: torch.Tensor, index: torch.Tensor):
 def _attend(q, k, v, index, valid, scale, with_lse=False):
     """Forward over region chunks: output ``(B, h, R, T, dv)`` and, if asked, log-sum-exp ``(B, h, R, T, 1)``."""
     outs, lses = [], []
+    in_graph = torch.is_grad_enabled() or dispatch.is_exporting()
     for part in _chunks(q, index):
         idx = index[:, part]
         logits = _routed_logits(q[:, :, part], k, idx, valid, scale)
         if with_lse:
             lses.append(logits.logsumexp(-1, keepdim=True))
-        outs.append(logits.softmax(-1).to(v.dtype) @ _routed(v, idx))
+        weights = logits.softmax(-1) if in_graph else torch.softmax(logits, -1, out=logits)  # a fresh buffer costs more
+        outs.append(weights.to(v.dtype) @ _routed(v, idx))
     return torch.cat(outs, 2), torch.cat(lses, 2) if with_lse else None
 
 

@@ -13,7 +13,8 @@ references).
 
 :func:`neighborhood_tiles` builds NATTEN's neighbourhoods this way: within each dilation group
 (positions congruent modulo the dilation) a ``T x T`` tile of queries and the
-``(T + k - 1) x (T + k - 1)`` rectangle of keys around it, shifted inside the group at its borders.
+``(T + k - 1) x (T + k - 1)`` rectangle of keys around it, shifted inside the group at its borders;
+:func:`centred_window_tiles` TransNeXt's centred windows over a zero-padded map the same way.
 """
 
 from __future__ import annotations
@@ -29,7 +30,19 @@ import torch.nn.functional as F
 from .geometry import cached_geometry, windows_1d
 from .precision import float32_logits
 
-__all__ = ["Tiles", "neighborhood_bias", "neighborhood_tile_size", "neighborhood_tiles", "tiled_attention"]
+__all__ = [
+    "Tiles",
+    "add_pattern_bias",
+    "centred_window_padding",
+    "centred_window_tiles",
+    "neighborhood_bias",
+    "neighborhood_tile_size",
+    "neighborhood_tiles",
+    "tile_bias",
+    "tile_chunks",
+    "tile_slots",
+    "tiled_attention",
+]
 
 
 @dataclass(frozen=True)
@@ -109,8 +122,45 @@ def neighborhood_tile_size(height: int, width: int, kernel_size: int, dilation: 
 @cached_geometry
 def neighborhood_tiles(height: int, width: int, kernel_size: int, dilation: int, tile: int, device) -> Tiles:
     """The tiles of NATTEN's 2D neighbourhoods, ``tile x tile`` queries each."""
-    row_queries, row_keys, row_offsets, row_outputs = _axis_tiles(height, kernel_size, dilation, tile, device)
-    col_queries, col_keys, col_offsets, col_outputs = _axis_tiles(width, kernel_size, dilation, tile, device)
+    rows = _axis_tiles(height, kernel_size, dilation, tile, device)
+    cols = _axis_tiles(width, kernel_size, dilation, tile, device)
+    return _tiles(rows, cols, width, width, tile, device)
+
+
+def _centred_axis_tiles(length: int, window_size: int, tile: int, device: torch.device):
+    """One axis of centred, zero-padded windows: as :func:`_axis_tiles`, with keys on the padded axis of
+    ``ceil(length / tile) * tile + window - 1`` positions. A key in the padding is outside every window, but for
+    the slots past the edge (whose outputs are dropped), so that every query slot has a key."""
+    count, halo = -(-length // tile), tile + window_size - 1
+    query = torch.arange(count * tile, device=device).view(count, tile)
+    key = torch.arange(count, device=device)[:, None] * tile + torch.arange(halo, device=device)
+    offset = key[:, None, :] - query[:, :, None]  # the window position of each pair, inside in [0, window)
+    real = ((key >= window_size // 2) & (key < length + window_size // 2))[:, None, :] | (query >= length)[..., None]
+    offsets = torch.where((offset >= 0) & (offset < window_size) & real, offset, -1)
+    return query.clamp(max=length - 1), key, offsets, torch.arange(length, device=device)
+
+
+@cached_geometry
+def centred_window_tiles(height: int, width: int, window_size: int, tile: int, device) -> Tiles:
+    """Tiles of centred ``window x window`` windows over a map zero-padded by ``window // 2`` (TransNeXt's):
+    ``tile x tile`` queries and the ``(tile + window - 1)^2`` keys around them, key positions in the padded map
+    of :func:`centred_window_padding`."""
+    rows = _centred_axis_tiles(height, window_size, tile, device)
+    cols = _centred_axis_tiles(width, window_size, tile, device)
+    return _tiles(rows, cols, width, -(-width // tile) * tile + window_size - 1, tile, device)
+
+
+def centred_window_padding(height: int, width: int, window_size: int, tile: int) -> tuple[int, int, int, int]:
+    """``F.pad`` widths (left, right, top, bottom) of the key map of :func:`centred_window_tiles`."""
+    radius = window_size // 2
+    return radius, -(-width // tile) * tile + radius - width, radius, -(-height // tile) * tile + radius - height
+
+
+def _tiles(rows, cols, query_width: int, key_width: int, tile: int, device) -> Tiles:
+    """Tiles from each axis's (queries, keys, offsets, outputs), ordered by pattern; positions are flat in maps of
+    ``query_width`` and ``key_width`` columns."""
+    row_queries, row_keys, row_offsets, row_outputs = rows
+    col_queries, col_keys, col_offsets, col_outputs = cols
     row_patterns, row_pattern = torch.unique(row_offsets, dim=0, return_inverse=True)
     col_patterns, col_pattern = torch.unique(col_offsets, dim=0, return_inverse=True)
     pattern = (row_pattern[:, None] * col_patterns.shape[0] + col_pattern[None, :]).flatten()
@@ -118,7 +168,7 @@ def neighborhood_tiles(height: int, width: int, kernel_size: int, dilation: int,
     counts = torch.bincount(pattern).tolist()
     blocks = tuple((p, end - n, end) for p, (n, end) in enumerate(zip(counts, itertools.accumulate(counts))) if n)
 
-    def flat(rows, cols):  # (row_tiles, a) x (col_tiles, b) -> (tiles * a * b,), in pattern order
+    def flat(rows, cols, width):  # (row_tiles, a) x (col_tiles, b) -> (tiles * a * b,), in pattern order
         positions = rows[:, None, :, None] * width + cols[None, :, None, :]
         return positions.flatten(0, 1)[order].flatten()
 
@@ -126,15 +176,20 @@ def neighborhood_tiles(height: int, width: int, kernel_size: int, dilation: int,
     rank[order] = torch.arange(order.numel(), device=device)
     tile_index = rank[row_outputs[:, None] // tile * col_queries.shape[0] + col_outputs[None, :] // tile]
     outputs = (tile_index * tile + row_outputs[:, None] % tile) * tile + col_outputs[None, :] % tile
-    queries, keys = flat(row_queries, col_queries), flat(row_keys, col_keys)
+    queries, keys = flat(row_queries, col_queries, query_width), flat(row_keys, col_keys, key_width)
     return Tiles(queries, keys, outputs.flatten(), row_patterns, col_patterns, blocks)
 
 
 def neighborhood_bias(rpb: torch.Tensor | None, tiles: Tiles, kernel_size: int, like: torch.Tensor) -> torch.Tensor:
-    """The additive bias of every tile pattern, ``(heads or 1, patterns, query_slots, key_slots)``: the RPB
-    ``(heads, 2k - 1, 2k - 1)`` (zeros when None) inside the windows, ``-inf`` outside."""
+    """The additive bias of every tile pattern of :func:`neighborhood_tiles`: the RPB ``(heads, 2k - 1, 2k - 1)``
+    (zeros when None) inside the windows, ``-inf`` outside; see :func:`tile_bias`."""
     side = 2 * kernel_size - 1
-    table = like.new_zeros(1, side, side) if rpb is None else rpb.to(like.dtype)
+    return tile_bias(like.new_zeros(1, side, side) if rpb is None else rpb.to(like.dtype), tiles)
+
+
+def tile_bias(table: torch.Tensor, tiles: Tiles) -> torch.Tensor:
+    """The additive bias of every tile pattern, ``(heads or 1, patterns, query_slots, key_slots)``: ``table``
+    ``(heads or 1, rows, cols)`` at each pair's (row, column) offsets, ``-inf`` where either is -1."""
     table = F.pad(table, (0, 1, 0, 1), value=float("-inf"))  # offset -1 reads the padding
     rows, cols = tiles.row_offsets, tiles.col_offsets
     bias = table[:, rows[:, None, :, None, :, None], cols[None, :, None, :, None, :]]
@@ -148,7 +203,7 @@ class _TiledAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, blocks, scale):
-        logits = _add_bias(torch.matmul(q * scale, k.transpose(-1, -2)), bias, blocks, 0)
+        logits = add_pattern_bias(torch.matmul(q * scale, k.transpose(-1, -2)), bias, blocks, 0)
         weights = torch.softmax(logits, -1, out=logits)  # in place: a fresh buffer costs more than the softmax
         ctx.save_for_backward(q, k, v, weights)
         ctx.scale, ctx.blocks, ctx.bias_shape = scale, blocks, bias.shape if bias.requires_grad else None
@@ -173,7 +228,7 @@ class _TiledAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_bias, None, None
 
 
-def _add_bias(logits: torch.Tensor, bias: torch.Tensor, blocks, first: int) -> torch.Tensor:
+def add_pattern_bias(logits: torch.Tensor, bias: torch.Tensor, blocks, first: int) -> torch.Tensor:
     """Add to the logits of tiles ``first:`` (``(B, heads, tiles, ...)``) the bias of each one's pattern."""
     end = first + logits.shape[2]
     for pattern, lo, hi in blocks:
@@ -183,7 +238,7 @@ def _add_bias(logits: torch.Tensor, bias: torch.Tensor, blocks, first: int) -> t
     return logits
 
 
-def _slots(x: torch.Tensor, index: torch.Tensor, first: int, end: int, count: int) -> torch.Tensor:
+def tile_slots(x: torch.Tensor, index: torch.Tensor, first: int, end: int, count: int) -> torch.Tensor:
     """The slots of tiles ``first:end`` (of ``count``), ``(B, heads, end - first, slots, D)`` from ``(B, heads,
     H * W, D)``, through their flat positions ``index``."""
     slots = index.numel() // count
@@ -200,9 +255,9 @@ def tiled_attention(q, k, v, tiles: Tiles, bias: torch.Tensor, scale: float | No
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias)):
             every = (0, tiles.count, tiles.count)
             queries, keys, values = (
-                _slots(q, tiles.queries, *every),
-                _slots(k, tiles.keys, *every),
-                _slots(v, tiles.keys, *every),
+                tile_slots(q, tiles.queries, *every),
+                tile_slots(k, tiles.keys, *every),
+                tile_slots(v, tiles.keys, *every),
             )
             out = _TiledAttention.apply(queries, keys, values, bias, tiles.blocks, scale).flatten(2, 3)
         else:
@@ -213,15 +268,20 @@ def tiled_attention(q, k, v, tiles: Tiles, bias: torch.Tensor, scale: float | No
 _CHUNK_BYTES = 16 << 20  # logits of a chunk: below 32 MiB the allocator reuses buffers (it maps larger ones afresh)
 
 
+def tile_chunks(count: int, bytes_per_tile: int) -> list[tuple[int, int, int]]:
+    """``(first, end, count)`` runs of tiles whose logits (``bytes_per_tile`` each) fill about one chunk."""
+    chunk = max(1, _CHUNK_BYTES // bytes_per_tile)
+    return [(first, min(first + chunk, count), count) for first in range(0, count, chunk)]
+
+
 def _attend_in_chunks(q, k, v, tiles: Tiles, bias, scale) -> torch.Tensor:
     """Inference: the tiles a few at a time, so that every buffer stays small and in cache; ``(B, heads,
     tiles * query_slots, D)`` from ``(B, heads, H * W, D)`` maps."""
     query_slots, key_slots = tiles.queries.numel() // tiles.count, tiles.keys.numel() // tiles.count
-    chunk = max(1, _CHUNK_BYTES // (q.shape[0] * q.shape[1] * query_slots * key_slots * q.element_size()))
     outs = []
-    for first in range(0, tiles.count, chunk):
-        part = (first, min(first + chunk, tiles.count), tiles.count)
-        keys, values = _slots(k, tiles.keys, *part), _slots(v, tiles.keys, *part)
-        logits = _add_bias(torch.matmul(_slots(q, tiles.queries, *part) * scale, keys.mT), bias, tiles.blocks, first)
+    for part in tile_chunks(tiles.count, q.shape[0] * q.shape[1] * query_slots * key_slots * q.element_size()):
+        keys, values = tile_slots(k, tiles.keys, *part), tile_slots(v, tiles.keys, *part)
+        logits = torch.matmul(tile_slots(q, tiles.queries, *part) * scale, keys.mT)
+        logits = add_pattern_bias(logits, bias, tiles.blocks, part[0])
         outs.append(torch.matmul(torch.softmax(logits, -1, out=logits), values).flatten(2, 3))
     return outs[0] if len(outs) == 1 else torch.cat(outs, 2)

@@ -1,5 +1,6 @@
 """Aggregated attention (TransNeXt): the op against a dense oracle, backends, mixers and dynamic sizes."""
 
+import functools
 import math
 
 import pytest
@@ -9,11 +10,13 @@ from torch.export import Dim
 
 from visionzoo.kernels import (
     adaptive_avg_pool,
+    aggregated,
     aggregated_attention,
     aggregated_attention_unfold,
     get_op,
     length_scale,
     pooled_position_coords,
+    tiles,
 )
 from visionzoo.mixers import create_mixer
 
@@ -77,7 +80,60 @@ def test_flex_is_forward_only_on_cpu_and_not_automatic():
     inputs["q"].requires_grad_()
     op = get_op("aggregated_attention")
     assert not op.supports("flex", *inputs.values(), 3)
-    assert op.choose(*inputs.values(), 3) == "reference"
+    assert op.choose(*inputs.values(), 3) == "tiled"
+    half = {name: t.half() for name, t in inputs.items()}
+    assert op.choose(*half.values(), 3) == "reference", "tiled takes float32/float64 only"
+
+
+@pytest.mark.parametrize("window,size,pool", [(3, (5, 7), 4), (5, (9, 11), 6), (3, (1, 3), 1), (3, (13, 13), 9)])
+@pytest.mark.parametrize("tile", [1, 2, 4, 16])
+def test_tiled_matches_reference_at_every_tile_size(window, size, pool, tile, monkeypatch):
+    """Tiles of one query, of a few (the last cut by the map's edge) and larger than the map, in float64:
+    forward, gradients of every input, and inference in chunks of one tile."""
+    monkeypatch.setattr(aggregated, "aggregated_tile_size", lambda *sizes: tile)
+    inputs = make_aggregated_inputs(height=size[0], width=size[1], window=window, pool=pool, dtype=torch.float64)
+    out, grads = _grads(lambda **t: aggregated_attention(**t, window_size=window, backend="tiled"), inputs)
+    reference = functools.partial(aggregated_attention, window_size=window, backend="reference")
+    expected, expected_grads = _grads(reference, inputs)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-10, atol=1e-10, msg=name)
+    monkeypatch.setattr(tiles, "_CHUNK_BYTES", 1)
+    with torch.no_grad():
+        chunked = aggregated_attention(**inputs, window_size=window, backend="tiled")
+    torch.testing.assert_close(chunked, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_centred_window_tiles_cover_each_query_once_with_its_window():
+    """Every position is computed by exactly one real query slot, whose unmasked key slots are exactly its
+    in-map window positions, at the offsets the RPB table is read at."""
+    height, width, window, tile = 7, 5, 3, 3
+    layout = tiles.centred_window_tiles(height, width, window, tile, torch.device("cpu"))
+    left, right, top, _ = tiles.centred_window_padding(height, width, window, tile)
+    key_width = left + width + right
+    rpb = torch.arange(window * window, dtype=torch.float64).reshape(1, window, window)
+    bias = tiles.tile_bias(rpb, layout)[0]  # (patterns, query slots, key slots)
+    pattern_of = torch.empty(layout.count, dtype=torch.long)
+    for pattern, first, end in layout.blocks:
+        pattern_of[first:end] = pattern
+    query_slots, key_slots = tile * tile, layout.keys.numel() // layout.count
+    assert sorted(layout.outputs.tolist()) == sorted(set(layout.outputs.tolist()))
+    for position, slot in enumerate(layout.outputs.tolist()):
+        assert layout.queries[slot] == position
+        row, col = divmod(position, width)
+        tile_index, query_slot = divmod(slot, query_slots)
+        keys = layout.keys[tile_index * key_slots : (tile_index + 1) * key_slots]
+        seen = {}
+        for key, value in zip(keys.tolist(), bias[pattern_of[tile_index], query_slot].tolist()):
+            if value != float("-inf"):
+                seen[(key // key_width - top, key % key_width - left)] = value
+        expected = {
+            (row + dy, col + dx): (dy + 1) * window + dx + 1
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+            if 0 <= row + dy < height and 0 <= col + dx < width
+        }
+        assert seen == expected, position
 
 
 def test_reference_memory_is_linear_in_tokens():
@@ -134,7 +190,7 @@ def test_masked_pooled_tokens_change_nothing():
     for name in ("k_pool", "v_pool"):
         padded[name] = torch.cat([inputs[name], extra[name]], dim=2)
     padded["pool_bias"] = F.pad(inputs["pool_bias"], (0, 1), value=float("-inf"))
-    for backend in ("reference", "flex"):
+    for backend in ("reference", "flex", "tiled"):
         got = aggregated_attention(**padded, backend=backend)
         torch.testing.assert_close(got, aggregated_attention(**inputs, backend=backend), rtol=1e-6, atol=1e-6)
 
@@ -218,7 +274,9 @@ def test_bench_times_backends_beside_the_official_formulation(monkeypatch):
     assert timed == {
         ("forward", "reference"),
         ("forward", "flex"),
+        ("forward", "tiled"),
         ("forward", "unfold (official)"),
         ("forward+backward", "reference"),
+        ("forward+backward", "tiled"),
         ("forward+backward", "unfold (official)"),
     }

@@ -135,6 +135,8 @@ OP_CASES: dict[str, list[OpCase]] = {
         aggregated_case(1, 2, 160, 24, 8),
         aggregated_case(64, 2, 56, 32, 8),
         aggregated_case(8, 2, 128, 32, 8),
+        # issue #18: transnext_micro's stages 1-3 at 224x224 (sr 8, 4, 2: 7x7 pooled tokens each), batch 8
+        *(aggregated_case(8, 2 << i, 56 >> i, 24, 8 >> i) for i in range(3)),
     ],
     # biformer_tiny's first stage (64 channels, 7x7 regions, top-1) at 224, 512 and 1024 input;
     # issue #7: its stages 1-3 at 224 at batch 64, stage 1 at 512 at batch 8

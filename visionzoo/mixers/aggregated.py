@@ -23,13 +23,14 @@ from torch import nn
 
 from visionzoo.kernels import adaptive_avg_pool, aggregated_attention, dense_attention, pooled_position_coords
 from visionzoo.kernels.aggregated import empty_pool_cells
-from visionzoo.kernels.windows import sym_max
+from visionzoo.kernels.windows import all_int, sym_max
 
 from .registry import HeadedMixer, check_sizes, register_mixer
 
 __all__ = ["AggregatedAttention", "CosineGlobalAttention"]
 
 _CPB_HIDDEN = 512
+_CPB_CHUNK_ELEMENTS = 1 << 21  # hidden values of the CPB MLP per chunk: 8 MiB in float32
 _INITIAL_TEMPERATURE = 1 / 0.24
 
 
@@ -87,12 +88,21 @@ class _LengthScaledCosineAttention(HeadedMixer):
         pretrain = self.pretrain_size or (sym_max(size[0], 2), sym_max(size[1], 2))
         device = self.cpb_fc1.weight.device
         table, rows, cols = pooled_position_coords(size, pool_size, pretrain, device, empty)
-        table = self.cpb_fc2(self.cpb_act(self.cpb_fc1(table.to(self.cpb_fc1.weight.dtype))))
+        table = self._cpb_mlp(table.to(self.cpb_fc1.weight.dtype))
         bias = table.permute(2, 0, 1)[:, rows, cols]  # (heads, H, W, ph + empty, pw + empty)
         if empty:
             pool_h, pool_w = (torch.arange(n + empty, device=device) < n for n in pool_size)
             bias = bias.masked_fill(~(pool_h[:, None] & pool_w), float("-inf"))
         return bias.flatten(3).flatten(1, 2)
+
+    def _cpb_mlp(self, coords: torch.Tensor) -> torch.Tensor:
+        """The CPB MLP on ``(U_h, U_w, 2)`` coordinates, a few rows at a time where its hidden layer would be large
+        (800x1333 images: 2^28 hidden values at stage 1, whose fresh buffers cost more than the arithmetic)."""
+        mlp = lambda c: self.cpb_fc2(self.cpb_act(self.cpb_fc1(c)))  # noqa: E731
+        if not all_int(*coords.shape) or coords.shape[0] * coords.shape[1] * _CPB_HIDDEN <= _CPB_CHUNK_ELEMENTS:
+            return mlp(coords)
+        rows = max(1, _CPB_CHUNK_ELEMENTS // (coords.shape[1] * _CPB_HIDDEN))
+        return torch.cat([mlp(part) for part in coords.split(rows)])
 
     def logit_scale(self) -> torch.Tensor:
         return F.softplus(self.temperature).reshape(self.num_heads)
