@@ -328,7 +328,7 @@ def aggregated_tile_size(height: int, width: int, window_size: int, pool_len: in
 _TILE_OVERHEAD = 1024
 
 
-@functools.cache
+@_cached_geometry
 def _window_slots(tile: int, window_size: int, device: torch.device) -> torch.Tensor:
     """``(tile**2, window**2)``: the key slot of each query slot's window position in a tile's rectangle."""
     side = tile + window_size - 1
@@ -378,7 +378,8 @@ def aggregated_attention_tiled(
         out = local @ tile_slots(values, tiles.keys, first, end, count)
         return out.flatten(2, 3) + pooled.flatten(2, 3) @ v_pool
 
-    if dispatch.needs_grad(q, k, v, k_pool, v_pool, query_embedding, logit_scale, rpb, pool_bias, learnable_tokens):
+    tables = (query_embedding, logit_scale, rpb, pool_bias, learnable_tokens, learnable_bias)
+    if dispatch.needs_grad(q, k, v, k_pool, v_pool, *tables):
         out = attend(0, tiles.count, tiles.count)
     else:
         logit_bytes = batch * heads * query_slots * (key_slots + pool_len) * q.element_size()

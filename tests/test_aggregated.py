@@ -280,3 +280,15 @@ def test_bench_times_backends_beside_the_official_formulation(monkeypatch):
         ("forward+backward", "tiled"),
         ("forward+backward", "unfold (official)"),
     }
+
+
+def test_tiled_trains_after_inference_mode():
+    """Index tables first built under ``torch.inference_mode`` still serve a backward afterwards."""
+    inputs = make_aggregated_inputs(height=6, width=9, pool=4)
+    with torch.inference_mode():
+        aggregated_attention(**inputs, window_size=3, backend="tiled")
+    out, grads = _grads(lambda **t: aggregated_attention(**t, window_size=3, backend="tiled"), inputs)
+    expected, expected_grads = _grads(lambda **t: aggregated_attention(**t, window_size=3, backend="reference"), inputs)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-5, msg=name)

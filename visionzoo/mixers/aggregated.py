@@ -130,7 +130,7 @@ class AggregatedAttention(_LengthScaledCosineAttention):
         pretrain_size: map size at pre-training for the CPB coordinates; None: the actual size.
         head_dim: channels per head when ``num_heads`` is None.
         qkv_bias: bias on the ``q`` and ``kv`` projections.
-        backend: kernel backend (``auto``, ``reference``, ``flex``).
+        backend: kernel backend (``auto``, ``reference``, ``tiled``, ``flex``, ``triton``).
     """
 
     def __init__(

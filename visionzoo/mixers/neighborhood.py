@@ -29,7 +29,7 @@ class NeighborhoodAttention(MultiHeadMixer):
         rel_pos_bias: learn a relative position bias table per head.
         head_dim: channels per head when ``num_heads`` is None.
         qkv_bias: bias on the query/key/value projection.
-        backend: kernel backend (``auto``, ``reference``, ``natten``, ``flex``).
+        backend: kernel backend (``auto``, ``reference``, ``tiled``, ``natten``, ``flex``, ``triton``).
     """
 
     def __init__(
