@@ -244,6 +244,16 @@ def test_aggregated_mixer_backward_and_export_shapes():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mixer.parameters())
 
 
+def test_position_bias_in_row_chunks_equals_one_pass(monkeypatch):
+    from visionzoo.mixers import aggregated as mixers
+
+    mixer = create_mixer("aggregated", 16, num_heads=2, sr_ratio=2, pretrain_size=8)
+    with torch.no_grad():
+        whole = mixer.position_bias((12, 10), (6, 5))
+        monkeypatch.setattr(mixers, "_CPB_CHUNK_ELEMENTS", 3 * 512)  # three table rows per chunk
+        torch.testing.assert_close(mixer.position_bias((12, 10), (6, 5)), whole, rtol=0, atol=0)
+
+
 def test_cosine_global_mixer_equals_explicit_formula():
     mixer = create_mixer("cosine_global", 16, num_heads=2, pretrain_size=7).double()
     x = torch.randn(2, 3, 5, 16, dtype=torch.float64)

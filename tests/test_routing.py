@@ -120,6 +120,10 @@ def test_chunked_reference_equals_one_chunk(monkeypatch):
     torch.testing.assert_close(chunked, out, atol=1e-6, rtol=1e-6)
     for ours, theirs in zip(torch.autograd.grad(chunked.square().sum(), (q, k, v)), grads, strict=True):
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():  # inference: the mask and the softmax in place, chunk by chunk
+        torch.testing.assert_close(
+            bilevel_routing_attention(q, k, v, 3, 2, valid_size=(11, 10)), out, atol=1e-6, rtol=1e-6
+        )
 
 
 def test_gather_formulation_equals_reference_with_gradients():

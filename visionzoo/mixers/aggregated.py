@@ -98,11 +98,10 @@ class _LengthScaledCosineAttention(HeadedMixer):
     def _cpb_mlp(self, coords: torch.Tensor) -> torch.Tensor:
         """The CPB MLP on ``(U_h, U_w, 2)`` coordinates, a few rows at a time where its hidden layer would be large
         (800x1333 images: 2^28 hidden values at stage 1, whose fresh buffers cost more than the arithmetic)."""
-        mlp = lambda c: self.cpb_fc2(self.cpb_act(self.cpb_fc1(c)))  # noqa: E731
-        if not all_int(*coords.shape) or coords.shape[0] * coords.shape[1] * _CPB_HIDDEN <= _CPB_CHUNK_ELEMENTS:
-            return mlp(coords)
-        rows = max(1, _CPB_CHUNK_ELEMENTS // (coords.shape[1] * _CPB_HIDDEN))
-        return torch.cat([mlp(part) for part in coords.split(rows)])
+        chunked = all_int(*coords.shape) and coords.shape[0] * coords.shape[1] * _CPB_HIDDEN > _CPB_CHUNK_ELEMENTS
+        parts = coords.split(max(1, _CPB_CHUNK_ELEMENTS // (coords.shape[1] * _CPB_HIDDEN))) if chunked else (coords,)
+        outs = [self.cpb_fc2(self.cpb_act(self.cpb_fc1(part))) for part in parts]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def logit_scale(self) -> torch.Tensor:
         return F.softplus(self.temperature).reshape(self.num_heads)
