@@ -132,6 +132,7 @@ class _Backend:
     can_run: Callable[..., Capability]
     declares: Support | Callable[[], Support]
     auto_devices: tuple[str, ...] | None = None
+    auto_when: Callable[..., bool] | None = None
 
 
 def _device_type(args: tuple) -> str | None:
@@ -211,13 +212,16 @@ class KernelOp:
         can_run: Callable[..., Capability],
         declares: Support | Callable[[], Support],
         auto_devices: tuple[str, ...] | None = None,
+        auto_when: Callable[..., bool] | None = None,
     ) -> Callable[[Callable], Callable]:
         """Decorator registering ``fn`` as backend ``name``, gated by ``can_run(*args, **kwargs)``.
 
         ``declares`` says what it supports (or is a function that says so when asked, for a
         declaration that depends on what is installed); ``can_run`` must accept every input it
         covers. ``auto_devices`` limits automatic choice to these device types (where the backend
-        was measured faster than ``reference``); it still runs anywhere when forced.
+        was measured faster than ``reference``); ``auto_when(*args, **kwargs)``, if given, limits it
+        further to the inputs where it was (a shape rule, not a capability); it still runs anywhere
+        when forced.
         """
         if name not in self.priority:
             raise ValueError(f"{self.name}: backend {name!r} is not in the op's priority {self.priority}")
@@ -227,7 +231,7 @@ class KernelOp:
             raise ValueError(f"{self.name}: {name} declares features beyond the op's {self.features}")
 
         def decorator(fn: Callable) -> Callable:
-            self._backends[name] = _Backend(fn, can_run, declares, auto_devices)
+            self._backends[name] = _Backend(fn, can_run, declares, auto_devices, auto_when)
             return fn
 
         return decorator
@@ -268,9 +272,12 @@ class KernelOp:
             return backend
         device = _device_type(args)
         for name in self.backends:
-            auto_devices = self._backends[name].auto_devices
-            if auto_devices is not None and device not in auto_devices:
+            entry = self._backends[name]
+            if entry.auto_devices is not None and device not in entry.auto_devices:
                 _debug("%s: %s is not chosen automatically on %s", self.name, name, device)
+                continue
+            if entry.auto_when is not None and not entry.auto_when(*args, **kwargs):
+                _debug("%s: %s is not chosen automatically for these shapes", self.name, name)
                 continue
             verdict = self.supports(name, *args, **kwargs)
             if verdict:

@@ -21,6 +21,10 @@ Backends:
   linear in tokens times ``topk`` for one chunk, whatever the map size.
 - ``flex``: ``flex_attention`` over region-major tokens with a ``BlockMask`` of the routed
   region pairs (CUDA; forward only on CPU). Only when forced, for now.
+- ``sdpa``: ``scaled_dot_product_attention`` over the whole map with the routed region pairs as
+  its mask (fp32/fp64, with gradients): more pairs in one large product instead of many small
+  ones over gathered copies. ``auto`` takes it on CPU where the routed regions are at least a
+  quarter of all and the map is small (BiFormer's stage 3 at 224x224).
 - ``triton`` (``triton_routing.py``): one fused kernel per query tile that reads the routed keys
   and values in place through the top-k index (online softmax, saves output and log-sum-exp),
   and a deterministic backward (dQ per query tile; dK/dV per key tile over the inverted index).
@@ -37,6 +41,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from . import dispatch
 from .dispatch import Capability, Support
@@ -204,7 +209,7 @@ def bilevel_routing_attention_weights(q, k, n_win, topk, scale=None, valid_size=
 _op = dispatch.KernelOp(
     "bilevel_routing_attention",
     bilevel_routing_attention_reference,
-    priority=("flex", "triton"),
+    priority=("flex", "triton", "sdpa"),
     features=("valid_size", "value_dim"),  # value_dim: values with their own head dim
     schema="(Tensor q, Tensor k, Tensor v, int n_win, int topk, float? scale, SymInt[]? valid_size) -> Tensor",
 )
@@ -221,6 +226,12 @@ def can_run_flex(q, k, v, n_win, topk, scale=None, valid_size=None) -> Capabilit
     if q.device.type != "cuda" and q.shape[0] * q.shape[1] * tokens * tokens > _CHUNK_ELEMENTS:
         return Capability.no(f"unfused flex_attention on {q.device.type} would build all {tokens}x{tokens} scores")
     return Capability.yes()
+
+
+def _routed_pairs(index: torch.Tensor, regions: int) -> torch.Tensor:
+    """``(B, R, R)``: whether query region ``i`` routes to key region ``j``, from the top-k ``index`` ``(B, R, k)``."""
+    routed = torch.zeros(index.shape[0], regions, regions, dtype=torch.bool, device=index.device)
+    return routed.scatter_(2, index, True)
 
 
 @functools.cache
@@ -245,8 +256,7 @@ def bilevel_routing_attention_flex(q, k, v, n_win, topk, scale=None, valid_size=
     scale, index, valid = _route(q, k, n_win, topk, scale, valid_size)
     regions = n_win * n_win
     tokens = (height // n_win) * (width // n_win)
-    routed = torch.zeros(batch, regions, regions, dtype=torch.bool, device=q.device)
-    routed.scatter_(2, index, True)
+    routed = _routed_pairs(index, regions)
     valid_flat = None if valid is None else valid.flatten()
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -258,6 +268,47 @@ def bilevel_routing_attention_flex(q, k, v, n_win, topk, scale=None, valid_size=
     q_r, k_r, v_r = (_regions(t, n_win).flatten(2, 3) for t in (q, k, v))
     attend = _compiled_flex_attention() if q.device.type == "cuda" else flex_attention
     out = attend(q_r, k_r, v_r, block_mask=block_mask, scale=scale)
+    return _unregions(out.unflatten(2, (regions, tokens)), n_win, height, width)
+
+
+def can_run_sdpa(q, k, v, n_win, topk, scale=None, valid_size=None) -> Capability:
+    dtypes = {t.dtype for t in (q, k, v)}
+    if len(dtypes) > 1 or q.dtype not in _DENSE_DTYPES:
+        return Capability.no(f"dtypes {sorted(map(str, dtypes))}: one of float32 and float64 only")
+    return Capability.yes()
+
+
+_DENSE_DTYPES = (torch.float32, torch.float64)
+_DENSE_MAX_TOKENS = 1024
+
+
+def _dense_pays(q, k, v, n_win, topk, scale=None, valid_size=None) -> bool:
+    """Where ``sdpa`` beat the reference on CPU: the routed regions are at least a quarter of all (BiFormer's
+    stage 3 at 224x224, 16 of 49 regions of 4 tokens: 1.8-2x) on a small map (its mask is ``tokens^2``)."""
+    regions = n_win * n_win
+    return 4 * min(topk, regions) >= regions and q.shape[2] * q.shape[3] <= _DENSE_MAX_TOKENS
+
+
+# Chosen on CPU where _dense_pays: see docs/benchmarks.md (bi-level routing, dense masked attention).
+@_op.register(
+    "sdpa",
+    can_run_sdpa,
+    declares=Support(("cpu", "cuda"), _DENSE_DTYPES, ("cpu", "cuda"), ("valid_size", "value_dim")),
+    auto_devices=("cpu",),
+    auto_when=_dense_pays,
+)
+def bilevel_routing_attention_sdpa(q, k, v, n_win, topk, scale=None, valid_size=None):
+    """Dense attention over the whole map with the routed region pairs (and the real keys) as its mask: more
+    pairs than the routed ones, in one large matrix product instead of many small ones over gathered copies."""
+    height, width = q.shape[2], q.shape[3]
+    scale, index, valid = _route(q, k, n_win, topk, scale, valid_size)
+    regions, tokens = n_win * n_win, (height // n_win) * (width // n_win)
+    mask = _routed_pairs(index, regions)[:, None, :, None, :, None].expand(-1, -1, -1, tokens, -1, tokens)
+    mask = mask.reshape(index.shape[0], 1, regions * tokens, regions * tokens)
+    if valid is not None:
+        mask = mask & valid.reshape(1, 1, 1, -1)
+    q_r, k_r, v_r = (_regions(t, n_win).flatten(2, 3) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q_r, k_r, v_r, attn_mask=mask, scale=scale)
     return _unregions(out.unflatten(2, (regions, tokens)), n_win, height, width)
 
 
@@ -310,8 +361,8 @@ def bilevel_routing_attention(
         scale: logit scale of both levels; ``head_dim ** -0.5`` when None (BiFormer uses
             ``(heads * head_dim) ** -0.5``).
         valid_size: ``(h, w)`` of the real tokens at the top left; the rest is padding.
-        backend: ``auto`` (``triton`` on CUDA when it can run, else ``reference``), ``reference``,
-            ``flex`` or ``triton``.
+        backend: ``auto`` (``triton`` on CUDA when it can run; on CPU ``sdpa`` at small maps with many
+            routed regions; else ``reference``), ``reference``, ``sdpa``, ``flex`` or ``triton``.
     """
     _check_grid(q.shape[2], q.shape[3], n_win)
     return _op(q, k, v, n_win, topk, scale, valid_size, backend=backend)

@@ -11,6 +11,7 @@ from visionzoo.kernels import (
     bilevel_routing_attention,
     bilevel_routing_attention_gather,
     dense_attention_reference,
+    get_op,
     pad_to_multiple,
     route_regions,
 )
@@ -277,8 +278,10 @@ def test_bench_times_backends_and_the_official_gather_side_by_side(monkeypatch):
     assert {(r.mode, r.backend) for r in rows} == {
         ("forward", "reference"),
         ("forward", "flex"),
+        ("forward", "sdpa"),
         ("forward", "gather (official)"),
         ("forward+backward", "reference"),
+        ("forward+backward", "sdpa"),
         ("forward+backward", "gather (official)"),
     }
     assert all(r.median_ms > 0 for r in rows)
@@ -301,3 +304,18 @@ def test_routing_mixer_exports_to_onnx_at_a_fixed_size(tmp_path):
     out = onnxruntime.InferenceSession(str(path)).run(None, {"x": x.numpy()})[0]
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(out), mixer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_takes_dense_masked_attention_where_most_regions_are_routed():
+    """BiFormer-T at 224x224: stage 3 (16 of 49 regions of 4 tokens) runs ``sdpa``, stages 1-2 the gathers;
+    a large map stays on the gathers (its mask would be tokens^2)."""
+    op = get_op("bilevel_routing_attention")
+
+    def choice(size, heads, topk, batch=1):
+        q = torch.randn(batch, heads, size, size, 32, requires_grad=True)
+        return op.choose(q, q, q, 7, topk, None, None)
+
+    assert choice(14, 8, 16) == "sdpa"
+    assert choice(28, 4, 4) == "reference"
+    assert choice(56, 2, 1) == "reference"
+    assert choice(49, 8, 16) == "reference"
