@@ -53,7 +53,7 @@ def test_mixer_with_triton_backend_matches_reference():
 def test_dispatch_on_cpu(monkeypatch):
     op = get_op("aggregated_attention")
     args = (*make_aggregated_inputs(1, 1, 4, 4, 16, 2, 3).values(), 3)
-    assert op.choose(*args) == "reference"  # never automatic on CPU
+    assert op.choose(*args) == "tiled"  # on CPU auto takes the tiles, never triton
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert op.supports("triton", *args)
     monkeypatch.delenv("TRITON_INTERPRET")
