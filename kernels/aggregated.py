@@ -304,13 +304,7 @@ def aggregated_attention_flex(
 def can_run_tiled(q, k, v, k_pool, v_pool, *args) -> Capability:
     if not all_int(*q.shape, k_pool.shape[2]) and not torch.compiler.is_compiling():
         return Capability.no("traced with symbolic sizes: the tiles are laid out for concrete ones")
-    dtypes = {t.dtype for t in (q, k, v, k_pool, v_pool)}
-    if len(dtypes) > 1 or q.dtype not in _TILED_DTYPES:
-        return Capability.no(f"dtypes {sorted(map(str, dtypes))}: one of float32 and float64 only")
-    return Capability.yes()
-
-
-_TILED_DTYPES = (torch.float32, torch.float64)
+    return dispatch.one_wide_dtype(q, k, v, k_pool, v_pool)
 
 
 @functools.cache
@@ -339,7 +333,10 @@ def _window_slots(tile: int, window_size: int, device: torch.device) -> torch.Te
 
 # Chosen on CPU: see docs/benchmarks.md (aggregated attention, tiled).
 @_op.register(
-    "tiled", can_run_tiled, declares=Support(("cpu", "cuda"), _TILED_DTYPES, ("cpu", "cuda")), auto_devices=("cpu",)
+    "tiled",
+    can_run_tiled,
+    declares=Support(("cpu", "cuda"), dispatch.SINGLE_AND_DOUBLE, ("cpu", "cuda")),
+    auto_devices=("cpu",),
 )
 def aggregated_attention_tiled(
     q, k, v, k_pool, v_pool, query_embedding, logit_scale, rpb, pool_bias, learnable_tokens, learnable_bias, window_size

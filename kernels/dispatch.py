@@ -46,6 +46,7 @@ __all__ = [
     "ENV_VAR",
     "FLOAT_DTYPES",
     "REFERENCE",
+    "SINGLE_AND_DOUBLE",
     "SINGLE_AND_HALF",
     "TRITON_DTYPES",
     "Capability",
@@ -57,6 +58,7 @@ __all__ = [
     "is_exporting",
     "list_ops",
     "needs_grad",
+    "one_wide_dtype",
     "triton_support",
     "use_backend",
 ]
@@ -67,6 +69,7 @@ ENV_VAR = "VISIONZOO_BACKEND"
 BACKENDS = (REFERENCE, "sdpa", "tiled", "flex", "natten", "triton")
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 SINGLE_AND_HALF = (torch.float32, torch.float16, torch.bfloat16)
+SINGLE_AND_DOUBLE = (torch.float32, torch.float64)
 
 _log = logging.getLogger("visionzoo.kernels")
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("visionzoo_backend", default=None)
@@ -147,6 +150,14 @@ def is_exporting() -> bool:
         or torch.onnx.is_in_onnx_export()
         or torch.compiler.is_exporting()
     )
+
+
+def one_wide_dtype(*tensors: torch.Tensor) -> Capability:
+    """Whether ``tensors`` share one dtype of :data:`SINGLE_AND_DOUBLE` (the CPU paths' matmuls), and why not."""
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1 or tensors[0].dtype not in SINGLE_AND_DOUBLE:
+        return Capability.no(f"dtypes {sorted(map(str, dtypes))}: one of float32 and float64 only")
+    return Capability.yes()
 
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:

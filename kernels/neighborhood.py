@@ -334,20 +334,14 @@ def can_run_tiled(q, k, v, kernel_size, dilation=1, rpb=None, scale=None) -> Cap
         return Capability.no("traced with symbolic sizes: the tiles are laid out for concrete ones")
     if not q.shape == k.shape == v.shape:
         return Capability.no("q, k and v differ in shape")
-    dtypes = {t.dtype for t in (q, k, v)}
-    if len(dtypes) > 1 or q.dtype not in _TILED_DTYPES:
-        return Capability.no(f"dtypes {sorted(map(str, dtypes))}: one of float32 and float64 only")
-    return Capability.yes()
-
-
-_TILED_DTYPES = (torch.float32, torch.float64)
+    return dispatch.one_wide_dtype(q, k, v)
 
 
 # Chosen on CPU: 5-36x the reference for a training step at NAT's and DiNAT's stage shapes (docs/benchmarks.md).
 @_op.register(
     "tiled",
     can_run_tiled,
-    declares=Support(("cpu", "cuda"), _TILED_DTYPES, ("cpu", "cuda"), ("rpb", "dilation")),
+    declares=Support(("cpu", "cuda"), dispatch.SINGLE_AND_DOUBLE, ("cpu", "cuda"), ("rpb", "dilation")),
     auto_devices=("cpu",),
 )
 def neighborhood_attention_tiled(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):

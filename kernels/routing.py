@@ -272,13 +272,9 @@ def bilevel_routing_attention_flex(q, k, v, n_win, topk, scale=None, valid_size=
 
 
 def can_run_sdpa(q, k, v, n_win, topk, scale=None, valid_size=None) -> Capability:
-    dtypes = {t.dtype for t in (q, k, v)}
-    if len(dtypes) > 1 or q.dtype not in _DENSE_DTYPES:
-        return Capability.no(f"dtypes {sorted(map(str, dtypes))}: one of float32 and float64 only")
-    return Capability.yes()
+    return dispatch.one_wide_dtype(q, k, v)
 
 
-_DENSE_DTYPES = (torch.float32, torch.float64)
 _DENSE_MAX_TOKENS = 1024
 
 
@@ -293,7 +289,7 @@ def _dense_pays(q, k, v, n_win, topk, scale=None, valid_size=None) -> bool:
 @_op.register(
     "sdpa",
     can_run_sdpa,
-    declares=Support(("cpu", "cuda"), _DENSE_DTYPES, ("cpu", "cuda"), ("valid_size", "value_dim")),
+    declares=Support(("cpu", "cuda"), dispatch.SINGLE_AND_DOUBLE, ("cpu", "cuda"), ("valid_size", "value_dim")),
     auto_devices=("cpu",),
     auto_when=_dense_pays,
 )
