@@ -10,6 +10,7 @@ from .aggregated import (
     aggregated_attention,
     aggregated_attention_reference,
     aggregated_attention_unfold,
+    gather_pool_bias,
     length_scale,
     pooled_position_coords,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "dense_attention",
     "dense_attention_reference",
     "dense_attention_weights",
+    "gather_pool_bias",
     "get_op",
     "halo_attention",
     "halo_attention_reference",

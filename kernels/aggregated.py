@@ -7,10 +7,15 @@ Each query ``i`` attends, under a single softmax, to
 
 - its ``window x window`` neighbours (zero-padded at the border, padded keys masked out)
   with a learnable relative position bias ``rpb``, and
-- ``P`` pooled tokens with an arbitrary bias ``pool_bias`` (TransNeXt's continuous position
-  bias, see :func:`pooled_position_coords`). A pooled token whose bias is ``-inf`` for every query
-  is masked out: the ``reference`` and ``flex`` backends leave it out of ``P`` in the length scale
-  too (an exported graph pads the pooled grid so; ``triton`` counts every token).
+- ``P = ph x pw`` pooled tokens with a position bias given factored, as TransNeXt's continuous
+  position bias is (see :func:`pooled_position_coords`): a table ``cpb`` ``(heads, U_h, U_w)`` and
+  per-axis indices ``cpb_rows`` ``(H, ph)`` and ``cpb_cols`` ``(W, pw)``, the bias of the pair
+  (query ``(y, x)``, pooled token ``(i, j)``) being ``cpb[:, cpb_rows[y, i], cpb_cols[x, j]]``
+  (:func:`gather_pool_bias`). So the ``(heads, H*W, P)`` biases, the largest tensor of a
+  detection-sized forward, need not exist at once: the ``tiled`` backend gathers them a few tiles at
+  a time (any bias is one table of ``H*ph x W*pw``). A pooled token whose bias is ``-inf`` for every
+  query is masked out: the ``reference``, ``flex`` and ``tiled`` backends leave it out of ``P`` in the
+  length scale too (an exported graph pads the pooled grid so; ``triton`` counts every token).
 
 Logits are length-scaled cosine similarities: ``q_hat = (normalize(q) + query_embedding) *
 logit_scale * log(n_i + P)`` against normalised keys, where ``n_i`` is the number of
@@ -18,7 +23,7 @@ in-image window positions of query ``i``. After the softmax, the learnable token
 affinities ``normalize(q) @ learnable_tokens + learnable_bias`` are added to the window
 weights (the paper's "dynamic local bias"), exactly in the order of the official code.
 
-Tensors are ``(B, heads, H, W, head_dim)``; pooled keys/values ``(B, heads, P, head_dim)``.
+Tensors are ``(B, heads, H, W, head_dim)``; pooled keys/values ``(B, heads, P, head_dim)``, row-major.
 Backends:
 
 - ``reference``: windows stacked from ``window**2`` shifted views of the padded keys and
@@ -30,12 +35,14 @@ Backends:
   only and unfused (the full score matrix), so it declines there above 1 GiB of scores.
 - ``triton``: one fused kernel (``triton_aggregated.py``): window and pooled logits, both
   biases, one online softmax, the learnable-token term and both value sums, with a fused
-  backward; no (queries x keys) matrix in memory. Head dims 16..128, float32/16, bfloat16.
+  backward; no (queries x keys) matrix in memory, but the gathered ``(heads, H*W, P)`` biases.
+  Head dims 16..128, float32/16, bfloat16.
 
 - ``tiled``: dense batched matrix multiplies over query tiles (``tiles.py``): each tile's queries
   against the ``(T + window - 1)^2`` keys around them and the pooled keys under one softmax, the
   RPB and ``-inf`` off the windows as one bias per tile pattern, the learnable-token weights added
-  at their key slots; fp32/fp64, autograd backward; inference a few tiles at a time.
+  at their key slots; fp32/fp64, autograd backward; inference a few tiles at a time, pooled biases
+  gathered per chunk of tiles.
 
 ``auto`` picks ``triton`` on CUDA where it runs, else ``tiled`` on CPU for fp32/fp64, else
 ``reference``; ``flex`` only when forced.
@@ -64,6 +71,7 @@ __all__ = [
     "aggregated_attention_reference",
     "aggregated_attention_unfold",
     "empty_pool_cells",
+    "gather_pool_bias",
     "length_scale",
     "pooled_position_coords",
 ]
@@ -89,7 +97,7 @@ def _unique_axis_coords(length: int, pooled: int, pretrain: int, device: torch.d
 
 def _axis_coords(length, pooled, pretrain, empty: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled offsets along one axis between queries and pooled-cell centres ``(U,)``, and the index
-    ``(length, pooled + empty)`` of each pair's offset in them (any index for an empty cell).
+    ``(length, pooled + empty)`` of each pair's offset in them (``U`` for an empty cell: one past the end).
 
     Offsets are half-integers; the scaling runs in float32 as in the official code
     (``adaptive_avg_pool1d`` of the positions). Int sizes list only the offsets that occur; symbolic
@@ -102,7 +110,9 @@ def _axis_coords(length, pooled, pretrain, empty: int, device: torch.device) -> 
     # twice the offset of query i from cell j's centre (start + end - 1) / 2: an integer in [2 - 2L, 2L - 2]
     doubled = 2 * torch.arange(length, device=device)[:, None] - (start + end - 1)
     offsets = torch.arange(4 * length - 3, device=device).float() / 2 + (1 - length)
-    return offsets / (pretrain - 1) * 8, (doubled + (2 * length - 2)).clamp(min=0)  # empty cells lie below
+    is_empty = torch.arange(pooled + empty, device=device) >= pooled
+    index = (doubled + (2 * length - 2)).clamp(min=0).masked_fill(is_empty, 4 * length - 3)
+    return offsets / (pretrain - 1) * 8, index
 
 
 def pooled_position_coords(
@@ -115,12 +125,13 @@ def pooled_position_coords(
     ``sign(d) * log2(1 + |d|) / log2(8)``, as the official ``get_relative_position_cpb``.
     Rows and columns are separable, so the table is the product of the unique offsets per axis.
     Sizes may be symbolic: the table and indices are then built in the traced graph. ``empty`` cells
-    per axis follow the pooled ones (:func:`adaptive_avg_pool`), with arbitrary indices.
+    per axis follow the pooled ones (:func:`adaptive_avg_pool`); they index one past the table's end
+    (``U_h``, ``U_w``), where the caller pads the biases with ``-inf``.
 
     Returns:
-        ``table`` ``(U_h, U_w, 2)`` float32 and the indices ``row_index`` ``(H, 1, ph + empty, 1)`` and
-        ``col_index`` ``(1, W, 1, pw + empty)``: the bias of pair ``((y, x), (i, j))`` is
-        ``mlp(table)[row_index[y, 0, i, 0], col_index[0, x, 0, j]]``.
+        ``table`` ``(U_h, U_w, 2)`` float32 and the indices ``rows`` ``(H, ph + empty)`` and ``cols``
+        ``(W, pw + empty)``: the bias of pair ``((y, x), (i, j))`` is ``mlp(table)[rows[y, i], cols[x, j]]``,
+        the factored form :func:`aggregated_attention` takes.
     """
     if all_int(*pretrain_size) and min(pretrain_size) < 2:
         raise ValueError(f"pretrain_size must be at least 2x2, got {pretrain_size}")
@@ -133,7 +144,34 @@ def _pooled_coords(height, width, pool_h, pool_w, pre_h, pre_w, empty, device):
     cols, col_index = _axis_coords(width, pool_w, pre_w, empty, device)
     table = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)
     table = torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
-    return table, row_index[:, None, :, None], col_index[None, :, None, :]
+    return table, row_index, col_index
+
+
+def gather_pool_bias(cpb: torch.Tensor, cpb_rows: torch.Tensor, cpb_cols: torch.Tensor, positions=None) -> torch.Tensor:
+    """The bias of each (query, pooled token) pair from its factored form (see :func:`aggregated_attention`):
+    ``(heads, H*W, ph*pw)``, or ``(heads, n, ph*pw)`` for the queries at flat ``positions`` ``(n,)``."""
+    if positions is None:
+        rows, cols = cpb_rows[:, None, :, None], cpb_cols[None, :, None, :]
+    else:
+        width = cpb_cols.shape[0]
+        rows, cols = cpb_rows[positions // width][:, :, None], cpb_cols[positions % width][:, None, :]
+    return cpb[:, rows, cols].reshape(cpb.shape[0], -1, cpb_rows.shape[1] * cpb_cols.shape[1])
+
+
+def _check_inputs(q: torch.Tensor, k_pool: torch.Tensor, cpb_rows: torch.Tensor, cpb_cols: torch.Tensor, window_size):
+    """An odd window, and pooled-bias indices for the map's rows and columns and the pooled grid."""
+    _check_window(window_size)
+    sizes = (*q.shape[2:4], k_pool.shape[2], *cpb_rows.shape, *cpb_cols.shape)
+    if cpb_rows.dim() != 2 or cpb_cols.dim() != 2 or not all_int(*sizes):
+        return
+    if cpb_rows.dtype.is_floating_point or cpb_cols.dtype.is_floating_point:
+        raise TypeError(f"cpb_rows and cpb_cols are integer indices, got {cpb_rows.dtype} and {cpb_cols.dtype}")
+    height, width, pool_len = sizes[:3]
+    if cpb_rows.shape[0] != height or cpb_cols.shape[0] != width or cpb_rows.shape[1] * cpb_cols.shape[1] != pool_len:
+        raise ValueError(
+            f"cpb_rows {tuple(cpb_rows.shape)} and cpb_cols {tuple(cpb_cols.shape)} must be (H, ph) and (W, pw) with "
+            f"ph * pw pooled tokens: the map is {height}x{width} with {pool_len} pooled tokens"
+        )
 
 
 def _windows(x: torch.Tensor, window_size: int) -> torch.Tensor:
@@ -166,10 +204,10 @@ def _window_sum(weights: torch.Tensor, values: torch.Tensor, window_size: int) -
     return torch.einsum("bhijo,bhijod->bhijd", weights, _windows(values, window_size))
 
 
-def _unmasked_pool_len(pool_bias: torch.Tensor) -> torch.Tensor:
+def _unmasked_pool_len(cpb: torch.Tensor, cpb_rows: torch.Tensor, cpb_cols: torch.Tensor) -> torch.Tensor:
     """``P`` of the length scale: the pooled keys not masked out (bias ``-inf``, e.g. the empty cells of
     :func:`adaptive_avg_pool`), counted on the first head's first query."""
-    return (pool_bias[0, 0] != float("-inf")).sum()
+    return (cpb[0][cpb_rows[0][:, None], cpb_cols[0][None, :]] != float("-inf")).sum()
 
 
 def _learnable_affinity(q_norm, learnable_tokens, learnable_bias):
@@ -179,18 +217,33 @@ def _learnable_affinity(q_norm, learnable_tokens, learnable_bias):
 
 
 def aggregated_attention_reference(
-    q, k, v, k_pool, v_pool, query_embedding, logit_scale, rpb, pool_bias, learnable_tokens, learnable_bias, window_size
+    q,
+    k,
+    v,
+    k_pool,
+    v_pool,
+    query_embedding,
+    logit_scale,
+    rpb,
+    cpb,
+    cpb_rows,
+    cpb_cols,
+    learnable_tokens,
+    learnable_bias,
+    window_size,
 ):
     """Plain-PyTorch aggregated attention; see :func:`aggregated_attention`."""
-    _check_window(window_size)
+    _check_inputs(q, k_pool, cpb_rows, cpb_cols, window_size)
     batch, heads, height, width, _ = q.shape
     pool_len = k_pool.shape[2]
-    q_norm, q_hat = _scaled_queries(q, query_embedding, logit_scale, window_size, _unmasked_pool_len(pool_bias))
+    pool_count = _unmasked_pool_len(cpb, cpb_rows, cpb_cols)
+    q_norm, q_hat = _scaled_queries(q, query_embedding, logit_scale, window_size, pool_count)
     keys = F.normalize(k, dim=-1)
     local = torch.einsum("bhijd,bhijod->bhijo", q_hat, _windows(keys, window_size))
     valid, _ = _window_geometry(height, width, window_size, q.device)
     local = (local + rpb.reshape(heads, 1, 1, -1).to(q.dtype)).masked_fill(~valid, float("-inf"))
-    pooled = q_hat.flatten(2, 3) @ F.normalize(k_pool, dim=-1).transpose(-2, -1) + pool_bias.to(q.dtype)
+    pool_bias = gather_pool_bias(cpb.to(q.dtype), cpb_rows, cpb_cols)
+    pooled = q_hat.flatten(2, 3) @ F.normalize(k_pool, dim=-1).transpose(-2, -1) + pool_bias
     logits = torch.cat([local.flatten(2, 3), pooled], dim=-1)
     weights = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1).to(v.dtype)
     local_weights, pool_weights = weights.split([window_size**2, pool_len], dim=-1)
@@ -201,12 +254,25 @@ def aggregated_attention_reference(
 
 
 def aggregated_attention_unfold(
-    q, k, v, k_pool, v_pool, query_embedding, logit_scale, rpb, pool_bias, learnable_tokens, learnable_bias, window_size
+    q,
+    k,
+    v,
+    k_pool,
+    v_pool,
+    query_embedding,
+    logit_scale,
+    rpb,
+    cpb,
+    cpb_rows,
+    cpb_cols,
+    learnable_tokens,
+    learnable_bias,
+    window_size,
 ):
     """The official unfused formulation (``attention_native.py``), for benchmarks: ``F.unfold`` of
     the channel-first keys and values into ``(B, heads, N, head_dim, window**2)`` windows, the
     padding mask from an unfold of ones, and (1 x head_dim) @ (head_dim x window**2) matmuls."""
-    _check_window(window_size)
+    _check_inputs(q, k_pool, cpb_rows, cpb_cols, window_size)
     batch, heads, height, width, dim = q.shape
     tokens, pool_len, local_len = height * width, k_pool.shape[2], window_size**2
     q_norm = F.normalize(q.flatten(2, 3), dim=-1)
@@ -222,7 +288,7 @@ def aggregated_attention_unfold(
     k_local, v_local = unfold(F.normalize(k, dim=-1)), unfold(v)
     attn_local = (q_hat.unsqueeze(-2) @ k_local).squeeze(-2) + rpb[:, None]
     attn_local = attn_local.masked_fill(ones.t() == 0, float("-inf"))
-    attn_pool = q_hat @ F.normalize(k_pool, dim=-1).transpose(-2, -1) + pool_bias
+    attn_pool = q_hat @ F.normalize(k_pool, dim=-1).transpose(-2, -1) + gather_pool_bias(cpb, cpb_rows, cpb_cols)
     attn = torch.cat([attn_local, attn_pool], dim=-1).softmax(dim=-1)
     attn_local, attn_pool = attn.split([local_len, pool_len], dim=-1)
     attn_local = q_norm @ learnable_tokens + learnable_bias[:, None] + attn_local
@@ -235,7 +301,8 @@ _op = dispatch.KernelOp(
     aggregated_attention_reference,
     priority=("flex", "triton", "tiled"),
     schema="(Tensor q, Tensor k, Tensor v, Tensor k_pool, Tensor v_pool, Tensor query_embedding, Tensor logit_scale, "
-    "Tensor rpb, Tensor pool_bias, Tensor learnable_tokens, Tensor learnable_bias, int window_size) -> Tensor",
+    "Tensor rpb, Tensor cpb, Tensor cpb_rows, Tensor cpb_cols, Tensor learnable_tokens, Tensor learnable_bias, "
+    "int window_size) -> Tensor",
 )
 
 
@@ -274,17 +341,31 @@ def _flex_block_mask(height: int, width: int, pool_len: int, window_size: int, d
     "flex", can_run_flex, declares=Support(("cpu", "cuda"), dispatch.SINGLE_AND_HALF, ("cuda",)), auto_devices=()
 )
 def aggregated_attention_flex(
-    q, k, v, k_pool, v_pool, query_embedding, logit_scale, rpb, pool_bias, learnable_tokens, learnable_bias, window_size
+    q,
+    k,
+    v,
+    k_pool,
+    v_pool,
+    query_embedding,
+    logit_scale,
+    rpb,
+    cpb,
+    cpb_rows,
+    cpb_cols,
+    learnable_tokens,
+    learnable_bias,
+    window_size,
 ):
     from torch.nn.attention.flex_attention import flex_attention
 
-    _check_window(window_size)
+    _check_inputs(q, k_pool, cpb_rows, cpb_cols, window_size)
     batch, heads, height, width, dim = q.shape
     tokens, pool_len, radius = height * width, k_pool.shape[2], window_size // 2
-    q_norm, q_hat = _scaled_queries(q, query_embedding, logit_scale, window_size, _unmasked_pool_len(pool_bias))
+    pool_count = _unmasked_pool_len(cpb, cpb_rows, cpb_cols)
+    q_norm, q_hat = _scaled_queries(q, query_embedding, logit_scale, window_size, pool_count)
     keys = torch.cat([F.normalize(k, dim=-1).flatten(2, 3), F.normalize(k_pool, dim=-1)], dim=2)
     values = torch.cat([v.flatten(2, 3), v_pool], dim=2)
-    rpb, pool_bias = rpb.to(q.dtype), pool_bias.to(q.dtype)
+    rpb, cpb, pool_width = rpb.to(q.dtype), cpb.to(q.dtype), cpb_cols.shape[1]
 
     def score_mod(score, b, h, q_idx, kv_idx):
         # also evaluated on masked-out pairs: clamp every index into its table
@@ -292,7 +373,9 @@ def aggregated_attention_flex(
         dy = (kv_idx // width - q_idx // width).clamp(-radius, radius) + radius
         dx = (kv_idx % width - q_idx % width).clamp(-radius, radius) + radius
         local = rpb[h, dy * window_size + dx]
-        pooled = pool_bias[h, q_idx, (kv_idx - tokens).clamp(0, pool_len - 1)]
+        pooled_idx = (kv_idx - tokens).clamp(0, pool_len - 1)
+        row, col = cpb_rows[q_idx // width, pooled_idx // pool_width], cpb_cols[q_idx % width, pooled_idx % pool_width]
+        pooled = cpb[h, row, col]
         return score + torch.where(is_local, local, pooled)
 
     mask = _flex_block_mask(height, width, pool_len, window_size, q.device)
@@ -339,17 +422,31 @@ def _window_slots(tile: int, window_size: int, device: torch.device) -> torch.Te
     auto_devices=("cpu",),
 )
 def aggregated_attention_tiled(
-    q, k, v, k_pool, v_pool, query_embedding, logit_scale, rpb, pool_bias, learnable_tokens, learnable_bias, window_size
+    q,
+    k,
+    v,
+    k_pool,
+    v_pool,
+    query_embedding,
+    logit_scale,
+    rpb,
+    cpb,
+    cpb_rows,
+    cpb_cols,
+    learnable_tokens,
+    learnable_bias,
+    window_size,
 ):
     """Dense batched matrix multiplies over query tiles (``tiles.py``): each tile's queries against the keys of
     the rectangle around them and the pooled keys under one softmax, the window RPB and ``-inf`` off the
     windows as the bias of each tile pattern; inference a few tiles at a time."""
-    _check_window(window_size)
+    _check_inputs(q, k_pool, cpb_rows, cpb_cols, window_size)
     batch, heads, height, width, dim = q.shape
     pool_len = k_pool.shape[2]
     tile = aggregated_tile_size(height, width, window_size, pool_len)
     tiles = centred_window_tiles(height, width, window_size, tile, q.device)
-    q_norm, q_hat = _scaled_queries(q, query_embedding, logit_scale, window_size, _unmasked_pool_len(pool_bias))
+    pool_count = _unmasked_pool_len(cpb, cpb_rows, cpb_cols)
+    q_norm, q_hat = _scaled_queries(q, query_embedding, logit_scale, window_size, pool_count)
     padding = (0, 0, *centred_window_padding(height, width, window_size, tile))
     keys = F.pad(F.normalize(k, dim=-1), padding).flatten(2, 3)
     values = F.pad(v, padding).flatten(2, 3)
@@ -358,14 +455,14 @@ def aggregated_attention_tiled(
     bias = tile_bias(rpb.reshape(heads, window_size, window_size).to(q.dtype), tiles)
     token_bias = learnable_bias.reshape(heads, 1, 1, -1)
     query_slots, key_slots = tile * tile, tiles.keys.numel() // tiles.count
-    pool_bias = pool_bias.to(q.dtype)
+    cpb = cpb.to(q.dtype)
     window_slots = _window_slots(tile, window_size, q.device)
 
     def attend(first, end, count):
         queries = tile_slots(q_hat, tiles.queries, first, end, count)
         local = queries @ tile_slots(keys, tiles.keys, first, end, count).mT
         local = add_pattern_bias(local, bias, tiles.blocks, first)
-        pair_bias = pool_bias.index_select(1, tiles.queries[first * query_slots : end * query_slots])
+        pair_bias = gather_pool_bias(cpb, cpb_rows, cpb_cols, tiles.queries[first * query_slots : end * query_slots])
         pooled = queries.flatten(2, 3) @ k_pool.mT + pair_bias
         logits = torch.cat([local, pooled.view(*local.shape[:-1], pool_len)], -1)
         weights = logits.softmax(-1) if torch.is_grad_enabled() else torch.softmax(logits, -1, out=logits)
@@ -375,7 +472,7 @@ def aggregated_attention_tiled(
         out = local @ tile_slots(values, tiles.keys, first, end, count)
         return out.flatten(2, 3) + pooled.flatten(2, 3) @ v_pool
 
-    tables = (query_embedding, logit_scale, rpb, pool_bias, learnable_tokens, learnable_bias)
+    tables = (query_embedding, logit_scale, rpb, cpb, learnable_tokens, learnable_bias)
     if dispatch.needs_grad(q, k, v, k_pool, v_pool, *tables):
         out = attend(0, tiles.count, tiles.count)
     else:
@@ -386,15 +483,28 @@ def aggregated_attention_tiled(
 
 
 def can_run_triton(
-    q, k, v, k_pool, v_pool, query_embedding, logit_scale, rpb, pool_bias, learnable_tokens, learnable_bias, *args
+    q,
+    k,
+    v,
+    k_pool,
+    v_pool,
+    query_embedding,
+    logit_scale,
+    rpb,
+    cpb,
+    cpb_rows,
+    cpb_cols,
+    learnable_tokens,
+    learnable_bias,
+    *args,
 ) -> Capability:
     verdict = dispatch.can_run_triton_on(q, k, v, k_pool, v_pool)
     if not verdict:
         return verdict
-    tables = (query_embedding, logit_scale, rpb, pool_bias, learnable_tokens, learnable_bias)
+    tables = (query_embedding, logit_scale, rpb, cpb, learnable_tokens, learnable_bias)
     if not all(t.is_floating_point() for t in tables):
         return Capability.no("non-floating-point tables")
-    if any(t.device != q.device for t in tables):
+    if any(t.device != q.device for t in (*tables, cpb_rows, cpb_cols)):
         return Capability.no("tensors on different devices")
     if not 16 <= q.shape[-1] <= 128:
         return Capability.no(f"head dim {q.shape[-1]} outside 16..128")
@@ -407,7 +517,10 @@ def can_run_triton(
 def aggregated_attention_triton(*args):
     from .triton_aggregated import aggregated_attention_triton as fused  # imports triton: only when called
 
-    return fused(*args)
+    *head, cpb, cpb_rows, cpb_cols, learnable_tokens, learnable_bias, window_size = args
+    _check_inputs(head[0], head[3], cpb_rows, cpb_cols, window_size)
+    pool_bias = gather_pool_bias(cpb, cpb_rows, cpb_cols)
+    return fused(*head, pool_bias, learnable_tokens, learnable_bias, window_size)
 
 
 def aggregated_attention(
@@ -419,7 +532,9 @@ def aggregated_attention(
     query_embedding: torch.Tensor,
     logit_scale: torch.Tensor,
     rpb: torch.Tensor,
-    pool_bias: torch.Tensor,
+    cpb: torch.Tensor,
+    cpb_rows: torch.Tensor,
+    cpb_cols: torch.Tensor,
     learnable_tokens: torch.Tensor,
     learnable_bias: torch.Tensor,
     window_size: int = 3,
@@ -436,7 +551,11 @@ def aggregated_attention(
         query_embedding: added to the normalised queries, ``(heads, head_dim)``.
         logit_scale: per-head temperature (TransNeXt: ``softplus(tau)``), ``(heads,)``.
         rpb: window relative position bias ``(heads, window_size**2)``, row-major offsets.
-        pool_bias: bias of every (query, pooled key) pair ``(heads, H*W, P)``.
+        cpb: pooled tokens' position bias table ``(heads, U_h, U_w)``; ``-inf`` masks a token out.
+        cpb_rows: ``(H, ph)`` integer row in ``cpb`` of each (query row, pooled row) pair.
+        cpb_cols: ``(W, pw)`` integer column in ``cpb`` of each (query column, pooled column) pair: the bias of
+            query ``(y, x)`` and pooled token ``(i, j)`` (flat ``i * pw + j``) is
+            ``cpb[:, cpb_rows[y, i], cpb_cols[x, j]]``.
         learnable_tokens: ``(heads, head_dim, window_size**2)``.
         learnable_bias: ``(heads, window_size**2)``.
         window_size: odd window side.
@@ -452,7 +571,9 @@ def aggregated_attention(
         query_embedding,
         logit_scale,
         rpb,
-        pool_bias,
+        cpb,
+        cpb_rows,
+        cpb_cols,
         learnable_tokens,
         learnable_bias,
         window_size,

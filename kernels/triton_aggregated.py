@@ -338,7 +338,8 @@ class _AggregatedAttention(torch.autograd.Function):
 def aggregated_attention_triton(
     q, k, v, k_pool, v_pool, query_embedding, logit_scale, rpb, pool_bias, learnable_tokens, learnable_bias, window_size
 ):
-    """Fused aggregated attention; arguments as :func:`visionzoo.kernels.aggregated_attention`."""
+    """Fused aggregated attention; arguments as :func:`visionzoo.kernels.aggregated_attention`, but the pooled
+    tokens' bias gathered: ``pool_bias`` ``(heads, H*W, P)`` (:func:`visionzoo.kernels.aggregated.gather_pool_bias`)."""
     check_window_size(window_size)
     heads, pool_len = q.shape[1], k_pool.shape[2]
     q_norm, q_hat = scaled_queries(q, query_embedding, logit_scale, window_size, pool_len)

@@ -53,13 +53,21 @@ def brute_force(q, k, v, kernel_size, dilation, rpb, scale):
     return out
 
 
+def pool_grid(pool: int) -> tuple[int, int]:
+    """A pooled grid ``(ph, pw)`` of ``pool`` tokens, as square as ``pool`` allows."""
+    rows = max(d for d in range(1, int(pool**0.5) + 1) if pool % d == 0)
+    return rows, pool // rows
+
+
 def make_aggregated_inputs(batch=2, heads=2, height=5, width=7, dim=4, pool=6, window=3, dtype=torch.float32, seed=0):
+    """Inputs of ``aggregated_attention`` in its argument order, but ``window_size``. The pooled bias is a random
+    table with random indices (repeats included: several pairs share an entry, as the CPB's do)."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
 
-    n = height * width
+    pool_h, pool_w = pool_grid(pool)
     return dict(
         q=rand(batch, heads, height, width, dim),
         k=rand(batch, heads, height, width, dim),
@@ -69,7 +77,9 @@ def make_aggregated_inputs(batch=2, heads=2, height=5, width=7, dim=4, pool=6, w
         query_embedding=rand(heads, dim, scale=0.3),
         logit_scale=rand(heads).abs() + 1.0,
         rpb=rand(heads, window * window),
-        pool_bias=rand(heads, n, pool),
+        cpb=rand(heads, height + pool_h, width + pool_w),
+        cpb_rows=torch.randint(height + pool_h, (height, pool_h), generator=g),
+        cpb_cols=torch.randint(width + pool_w, (width, pool_w), generator=g),
         learnable_tokens=rand(heads, dim, window * window, scale=0.3),
         learnable_bias=rand(heads, window * window, scale=0.3),
     )

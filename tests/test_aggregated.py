@@ -23,11 +23,15 @@ from visionzoo.mixers import create_mixer
 from oracles import make_aggregated_inputs
 
 
-def dense_oracle(q, k, v, k_pool, v_pool, query_embedding, logit_scale, rpb, pool_bias, tokens, token_bias, window):
+def dense_oracle(q, k, v, k_pool, v_pool, embedding, logit_scale, rpb, cpb, rows, cols, tokens, token_bias, window):
     """Dense attention over the explicit union of every query's window keys and the pooled keys."""
     batch, heads, height, width, dim = q.shape
     n, radius = height * width, window // 2
     ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    pool_ys, pool_xs = torch.meshgrid(torch.arange(rows.shape[1]), torch.arange(cols.shape[1]), indexing="ij")
+    pair_rows = rows[ys.reshape(-1, 1), pool_ys.reshape(1, -1)]  # (N, P): the table row of each pair
+    pair_cols = cols[xs.reshape(-1, 1), pool_xs.reshape(1, -1)]
+    pool_bias = torch.stack([table[pair_rows, pair_cols] for table in cpb])
     dy = ys.reshape(1, -1) - ys.reshape(-1, 1)  # key row - query row, (N, N)
     dx = xs.reshape(1, -1) - xs.reshape(-1, 1)
     in_window = (dy.abs() <= radius) & (dx.abs() <= radius)
@@ -35,7 +39,7 @@ def dense_oracle(q, k, v, k_pool, v_pool, query_embedding, logit_scale, rpb, poo
     count = in_window.sum(-1).double()
 
     q_norm = F.normalize(q.reshape(batch, heads, n, dim), dim=-1)
-    q_hat = (q_norm + query_embedding[:, None]) * logit_scale[:, None, None]
+    q_hat = (q_norm + embedding[:, None]) * logit_scale[:, None, None]
     q_hat = q_hat * torch.log(count + k_pool.shape[2]).float().to(q.dtype)[:, None]
     keys = F.normalize(k.reshape(batch, heads, n, dim), dim=-1)
     local = q_hat @ keys.transpose(-2, -1) + rpb[:, offset]
@@ -50,10 +54,11 @@ def dense_oracle(q, k, v, k_pool, v_pool, query_embedding, logit_scale, rpb, poo
 
 
 def _grads(fn, inputs):
-    inputs = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
+    """Output and the gradient of every floating-point input (not of the integer pooled-bias indices)."""
+    inputs = {name: t.detach().clone().requires_grad_(t.is_floating_point()) for name, t in inputs.items()}
     out = fn(**inputs)
     out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape))
-    return out.detach(), {name: t.grad for name, t in inputs.items()}
+    return out.detach(), {name: t.grad for name, t in inputs.items() if t.is_floating_point()}
 
 
 @pytest.mark.parametrize("window,size", [(3, (5, 7)), (5, (4, 6)), (3, (1, 3))])
@@ -145,7 +150,7 @@ def test_reference_memory_is_linear_in_tokens():
         saved.append(t.numel() * t.element_size())
         return t
 
-    inputs = {name: t.requires_grad_() for name, t in inputs.items()}
+    inputs = {name: t.requires_grad_(t.is_floating_point()) for name, t in inputs.items()}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         aggregated_attention(**inputs, window_size=3, backend="reference").sum()
     assert max(saved) < (64 * 64) ** 2 * 4 / 8
@@ -178,18 +183,23 @@ def test_pooled_coords_match_pairwise_definition():
         -1,
     )
     expected = torch.sign(rel) * torch.log2(rel.abs() + 1) / 3
-    got = table[rows, cols].reshape(54, 6, 2)
+    assert rows.shape == (9, 3) and cols.shape == (6, 2)
+    got = table[rows[:, None, :, None], cols[None, :, None, :]].reshape(54, 6, 2)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_masked_pooled_tokens_change_nothing():
-    """A pooled token with bias -inf for every query gets no weight and does not count in the length scale."""
-    inputs = make_aggregated_inputs(pool=4)
-    extra = make_aggregated_inputs(pool=1, seed=1)
+    """Pooled tokens with bias -inf for every query (a column of the pooled grid whose indices point at a -inf
+    column of the table, as the exported mixers' empty cells) get no weight and do not count in the length scale."""
+    inputs = make_aggregated_inputs(pool=4)  # a 2x2 pooled grid
+    extra = make_aggregated_inputs(pool=2, seed=1)
     padded = dict(inputs)
-    for name in ("k_pool", "v_pool"):
-        padded[name] = torch.cat([inputs[name], extra[name]], dim=2)
-    padded["pool_bias"] = F.pad(inputs["pool_bias"], (0, 1), value=float("-inf"))
+    for name in ("k_pool", "v_pool"):  # a third column of pooled tokens
+        grid = torch.cat([inputs[name].unflatten(2, (2, 2)), extra[name].unflatten(2, (2, 1))], dim=3)
+        padded[name] = grid.flatten(2, 3)
+    padded["cpb"] = F.pad(inputs["cpb"], (0, 1), value=float("-inf"))
+    masked_column = torch.full_like(inputs["cpb_cols"][:, :1], inputs["cpb"].shape[2])
+    padded["cpb_cols"] = torch.cat([inputs["cpb_cols"], masked_column], dim=1)
     for backend in ("reference", "flex", "tiled"):
         got = aggregated_attention(**padded, backend=backend)
         torch.testing.assert_close(got, aggregated_attention(**inputs, backend=backend), rtol=1e-6, atol=1e-6)
@@ -210,9 +220,12 @@ def test_padded_pooled_coords_hold_the_same_pairs(size, pool):
     (query, pooled cell) pair the same coordinates as the tables of int sizes."""
     table, rows, cols = pooled_position_coords(size, pool, (14, 14))
     padded, padded_rows, padded_cols = pooled_position_coords(size, pool, (14, 14), empty=1)
-    assert padded_rows.shape == (size[0], 1, pool[0] + 1, 1) and padded_cols.shape == (1, size[1], 1, pool[1] + 1)
-    got = padded[padded_rows, padded_cols][:, :, :-1, :-1]
-    torch.testing.assert_close(got, table[rows, cols], rtol=0, atol=0)
+    assert padded_rows.shape == (size[0], pool[0] + 1) and padded_cols.shape == (size[1], pool[1] + 1)
+    got = padded[padded_rows[:, None, :-1, None], padded_cols[None, :, None, :-1]]
+    torch.testing.assert_close(got, table[rows[:, None, :, None], cols[None, :, None, :]], rtol=0, atol=0)
+    # the empty cells index one past the table's end, where the mixers pad their biases with -inf
+    assert (padded_rows[:, -1] == padded.shape[0]).all() and (padded_cols[:, -1] == padded.shape[1]).all()
+    assert (padded_rows[:, :-1] < padded.shape[0]).all() and (padded_cols[:, :-1] < padded.shape[1]).all()
 
 
 @pytest.mark.parametrize("name, kwargs", [("aggregated", {"sr_ratio": 4, "pretrain_size": 8}), ("cosine_global", {})])
@@ -251,18 +264,69 @@ def test_position_bias_in_row_chunks_equals_one_pass(monkeypatch):
     with torch.no_grad():
         whole = mixer.position_bias((12, 10), (6, 5))
         monkeypatch.setattr(mixers, "_CPB_CHUNK_ELEMENTS", 3 * 512)  # three table rows per chunk
-        torch.testing.assert_close(mixer.position_bias((12, 10), (6, 5)), whole, rtol=0, atol=0)
+        for got, expected in zip(mixer.position_bias((12, 10), (6, 5)), whole, strict=True):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_cosine_global_mixer_equals_explicit_formula():
     mixer = create_mixer("cosine_global", 16, num_heads=2, pretrain_size=7).double()
     x = torch.randn(2, 3, 5, 16, dtype=torch.float64)
     q, k, v = mixer.qkv(x).reshape(2, 15, 3, 2, 8).permute(2, 0, 3, 1, 4)
-    bias = mixer.position_bias((3, 5), (3, 5))
+    table, rows, cols = mixer.position_bias((3, 5), (3, 5))
+    bias = table[:, rows[:, None, :, None], cols[None, :, None, :]].reshape(2, 15, 15)
     logits = (F.normalize(q, dim=-1) + mixer.query_embedding) * F.softplus(mixer.temperature) * math.log(15)
     logits = logits @ F.normalize(k, dim=-1).transpose(-2, -1) + bias
     expected = mixer.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(2, 3, 5, 16))
     torch.testing.assert_close(mixer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def _largest_tensor(fn):
+    """``fn()`` and the most elements of any tensor an aten op produced while it ran."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    with Largest():
+        out = fn()
+    return out, Largest.numel
+
+
+def test_tiled_inference_never_holds_every_pooled_bias(monkeypatch):
+    """The factored pooled bias is gathered a chunk of tiles at a time: at inference no tensor comes near the
+    ``(heads, H*W, P)`` biases (or the logits), and the result is the one-pass reference's."""
+    inputs = make_aggregated_inputs(batch=1, heads=2, height=48, width=40, dim=4, pool=30)
+    every_bias = 2 * 48 * 40 * 30
+    monkeypatch.setattr(aggregated, "aggregated_tile_size", lambda *sizes: 4)  # a pattern bias of 2 * 9 * 16 * 36
+    monkeypatch.setattr(tiles, "_CHUNK_BYTES", 4 * every_bias // 8)
+    with torch.no_grad():
+        out, largest = _largest_tensor(lambda: aggregated_attention(**inputs, backend="tiled"))
+        expected = aggregated_attention(**inputs, backend="reference")
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert largest < every_bias / 4, (largest, every_bias)
+
+
+def test_cosine_global_inference_in_query_chunks_equals_one_pass(monkeypatch):
+    """At inference the full-attention mixer gathers its biases and logits a few query rows at a time (one row
+    per chunk here): the same output as the one pass training takes, and no (heads, N, N) tensor."""
+    from visionzoo.mixers import aggregated as mixers
+
+    mixer = create_mixer("cosine_global", 16, num_heads=2, pretrain_size=7).double()
+    x = torch.randn(2, 12, 10, 16, dtype=torch.float64)
+    expected = mixer(x).detach()
+    monkeypatch.setattr(tiles, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(mixers, "_CPB_CHUNK_ELEMENTS", 512)  # the CPB MLP's hidden layer a row at a time
+    with torch.no_grad():
+        out, largest = _largest_tensor(lambda: mixer(x))
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert largest < 2 * 120 * 120 / 2, largest  # the MLP's hidden row (19 x 512) and qkv (2 x 120 x 48) below
 
 
 def test_aggregated_mixer_exports_to_onnx(tmp_path):

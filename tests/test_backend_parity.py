@@ -34,6 +34,8 @@ import torch
 import visionzoo.kernels as kernels
 from visionzoo.kernels import get_op, route_regions
 
+from oracles import pool_grid
+
 F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
 LOW = (F16, BF16)
 TOL = {
@@ -261,15 +263,25 @@ ROUTING_CASES = [
 
 # --- aggregated attention ------------------------------------------------------------------------------------
 
-_TABLES = ("query_embedding", "logit_scale", "rpb", "pool_bias", "learnable_tokens", "learnable_bias")
+_TABLES = ("query_embedding", "logit_scale", "rpb", "cpb", "cpb_rows", "cpb_cols", "learnable_tokens", "learnable_bias")
 
 
-def _aggregated_tables(g, heads, dim, tokens, pool, window):
+def _pool_bias(g, heads, height, width, pool, std=1.0):
+    """A factored pooled bias: a random table and random indices into it, entries shared between pairs."""
+    pool_h, pool_w = pool_grid(pool)
+    return dict(
+        cpb=_randn(g, heads, height + pool_h, width + pool_w, std=std),
+        cpb_rows=torch.randint(height + pool_h, (height, pool_h), generator=g),
+        cpb_cols=torch.randint(width + pool_w, (width, pool_w), generator=g),
+    )
+
+
+def _aggregated_tables(g, heads, dim, height, width, pool, window):
     return dict(
         query_embedding=_randn(g, heads, dim, std=0.3),
         logit_scale=_randn(g, heads).abs() + 1.0,
         rpb=_randn(g, heads, window * window),
-        pool_bias=_randn(g, heads, tokens, pool),
+        **_pool_bias(g, heads, height, width, pool),
         learnable_tokens=_randn(g, heads, dim, window * window, std=0.3),
         learnable_bias=_randn(g, heads, window * window, std=0.3),
     )
@@ -279,7 +291,7 @@ def _aggregated(batch, heads, height, width, dim, pool, window, tag="", **option
     def make(g):
         qkv = {name: _randn(g, batch, heads, height, width, dim) for name in "qkv"}
         pooled = {name: _randn(g, batch, heads, pool, dim) for name in ("k_pool", "v_pool")}
-        return qkv | pooled | _aggregated_tables(g, heads, dim, height * width, pool, window)
+        return qkv | pooled | _aggregated_tables(g, heads, dim, height, width, pool, window)
 
     def args(q, k, v, k_pool, v_pool, **tables):
         return q, k, v, k_pool, v_pool, *(tables[name] for name in _TABLES), window
@@ -287,12 +299,12 @@ def _aggregated(batch, heads, height, width, dim, pool, window, tag="", **option
     return Case(f"{batch}x{heads}x{height}x{width}x{dim} pool{pool} win{window}{tag}", make, args, **options)
 
 
-def _aggregated_large_tables(g, heads=2, dim=16, tokens=64, pool=4):
+def _aggregated_large_tables(g, heads=2, dim=16, pool=4):
     return dict(
         query_embedding=_randn(g, heads, dim, std=0.05),
         logit_scale=torch.full((heads,), 4.0, dtype=F64),
         rpb=_randn(g, heads, 9, std=0.1),
-        pool_bias=_randn(g, heads, tokens, pool, std=0.1),
+        **_pool_bias(g, heads, *SHAPE[2:4], pool, std=0.1),
         learnable_tokens=_randn(g, heads, dim, 9, std=0.05),
         learnable_bias=_randn(g, heads, 9, std=0.05),
     )

@@ -15,7 +15,12 @@ from typing import TextIO
 
 import torch
 
-from visionzoo.kernels import aggregated_attention_unfold, bilevel_routing_attention_gather, get_op
+from visionzoo.kernels import (
+    aggregated_attention_unfold,
+    bilevel_routing_attention_gather,
+    get_op,
+    pooled_position_coords,
+)
 from visionzoo.kernels.dispatch import REFERENCE, KernelOp
 
 from .timing import RunSettings, time_call, write_dataclass_csv
@@ -90,7 +95,8 @@ def routing_case(batch: int, size: int, dim: int, heads: int, n_win: int, topk: 
 
 
 def aggregated_case(batch: int, heads: int, size: int, head_dim: int, sr_ratio: int, window: int = 3) -> OpCase:
-    pool_len, local_len = (size // sr_ratio) ** 2, window**2
+    pool_side, local_len = size // sr_ratio, window**2
+    pool_len = pool_side**2
 
     def make(device, dtype, batch):
         def rand(*shape):
@@ -99,8 +105,10 @@ def aggregated_case(batch: int, heads: int, size: int, head_dim: int, sr_ratio: 
         q, k, v = (rand(batch, heads, size, size, head_dim) for _ in range(3))
         k_pool, v_pool = rand(batch, heads, pool_len, head_dim), rand(batch, heads, pool_len, head_dim)
         embedding, scale, rpb = rand(heads, head_dim), rand(heads).abs() + 1, rand(heads, local_len)
-        pool_bias, tokens = rand(heads, size * size, pool_len), rand(heads, head_dim, local_len)
-        return q, k, v, k_pool, v_pool, embedding, scale, rpb, pool_bias, tokens, rand(heads, local_len), window
+        # the CPB's table layout: its rows and columns of offsets, indexed per axis
+        coords, rows, cols = pooled_position_coords((size, size), (pool_side, pool_side), (size, size), device)
+        cpb, tokens = rand(heads, *coords.shape[:2]), rand(heads, head_dim, local_len)
+        return q, k, v, k_pool, v_pool, embedding, scale, rpb, cpb, rows, cols, tokens, rand(heads, local_len), window
 
     def flops(batch):
         return 4 * batch * heads * size**2 * (local_len + pool_len) * head_dim

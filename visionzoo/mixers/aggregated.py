@@ -21,8 +21,16 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
-from visionzoo.kernels import adaptive_avg_pool, aggregated_attention, dense_attention, pooled_position_coords
+from visionzoo.kernels import (
+    adaptive_avg_pool,
+    aggregated_attention,
+    dense_attention,
+    dispatch,
+    gather_pool_bias,
+    pooled_position_coords,
+)
 from visionzoo.kernels.aggregated import empty_pool_cells
+from visionzoo.kernels.tiles import tile_chunks
 from visionzoo.kernels.windows import all_int, sym_max
 
 from .registry import HeadedMixer, check_sizes, register_mixer
@@ -82,18 +90,20 @@ class _LengthScaledCosineAttention(HeadedMixer):
         skip = {"temperature", "query_embedding"}
         return skip | {f"{fc}.{p}" for fc in ("cpb_fc1", "cpb_fc2") for p in ("weight", "bias")}
 
-    def position_bias(self, size: tuple[int, int], pool_size: tuple[int, int], empty: int = 0) -> torch.Tensor:
-        """Continuous position bias of every (query, pooled key) pair: ``(heads, H*W, ph*pw)``; with ``empty``
-        cells after each axis's pooled ones (``adaptive_avg_pool``), ``-inf`` on those (masked out)."""
+    def position_bias(
+        self, size: tuple[int, int], pool_size: tuple[int, int], empty: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Continuous position bias of the (query, pooled key) pairs, factored as :func:`aggregated_attention`
+        takes it: the CPB MLP's table ``(heads, U_h, U_w)`` and the indices ``(H, ph)`` and ``(W, pw)`` into it.
+        With ``empty`` cells after each axis's pooled ones (``adaptive_avg_pool``), ``-inf`` on those (masked
+        out): the table's row and column past its end, where their indices point."""
         pretrain = self.pretrain_size or (sym_max(size[0], 2), sym_max(size[1], 2))
         device = self.cpb_fc1.weight.device
-        table, rows, cols = pooled_position_coords(size, pool_size, pretrain, device, empty)
-        table = self._cpb_mlp(table.to(self.cpb_fc1.weight.dtype))
-        bias = table.permute(2, 0, 1)[:, rows, cols]  # (heads, H, W, ph + empty, pw + empty)
+        coords, rows, cols = pooled_position_coords(size, pool_size, pretrain, device, empty)
+        table = self._cpb_mlp(coords.to(self.cpb_fc1.weight.dtype)).permute(2, 0, 1)
         if empty:
-            pool_h, pool_w = (torch.arange(n + empty, device=device) < n for n in pool_size)
-            bias = bias.masked_fill(~(pool_h[:, None] & pool_w), float("-inf"))
-        return bias.flatten(3).flatten(1, 2)
+            table = F.pad(table, (0, empty, 0, empty), value=float("-inf"))
+        return table.contiguous(), rows, cols
 
     def _cpb_mlp(self, coords: torch.Tensor) -> torch.Tensor:
         """The CPB MLP on ``(U_h, U_w, 2)`` coordinates, a few rows at a time where its hidden layer would be large
@@ -180,7 +190,7 @@ class AggregatedAttention(_LengthScaledCosineAttention):
             self.query_embedding.reshape(self.num_heads, self.head_dim),
             self.logit_scale(),
             self.relative_pos_bias_local,
-            self.position_bias((height, width), pool_size, empty),
+            *self.position_bias((height, width), pool_size, empty),
             self.learnable_tokens,
             self.learnable_bias.reshape(self.num_heads, -1),
             self.window_size,
@@ -219,9 +229,22 @@ class CosineGlobalAttention(_LengthScaledCosineAttention):
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[1], x.shape[2]
+        tokens = height * width
         q, k, v = (t.flatten(2, 3) for t in self.split_heads(self.qkv(x), 3))
         q = (F.normalize(q, dim=-1) + self.query_embedding) * self.logit_scale().reshape(-1, 1, 1)
-        q = q * _log_tokens(height * width, q)
-        bias = self.position_bias((height, width), (height, width)).to(q.dtype)
-        out = dense_attention(q, F.normalize(k, dim=-1), v, bias, scale=1.0, backend=self.kernel_backend)
+        q, k = q * _log_tokens(tokens, q), F.normalize(k, dim=-1)
+        table, rows, cols = self.position_bias((height, width), (height, width))
+
+        def attend(first=None, end=None):  # the queries in [first, end), or all of them
+            positions = None if first is None else torch.arange(first, end, device=q.device)
+            bias = gather_pool_bias(table, rows, cols, positions).to(q.dtype)
+            queries = q if first is None else q[:, :, first:end]
+            return dense_attention(queries, k, v, bias, scale=1.0, backend=self.kernel_backend)
+
+        if dispatch.needs_grad(q, k, v, table) or not all_int(tokens) or dispatch.is_exporting():
+            out = attend()
+        else:  # inference: the logits and biases of a few query rows at a time, memory linear in tokens
+            row_bytes = 2 * q.shape[0] * self.num_heads * tokens * q.element_size()
+            parts = [attend(first, end) for first, end, _ in tile_chunks(tokens, row_bytes)]
+            out = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
         return self.merge_and_project(out, (height, width))
