@@ -63,7 +63,15 @@ from .geometry import check_window_size as _check_window
 from .geometry import length_scale
 from .geometry import scaled_queries as _scaled_queries
 from .geometry import window_mask as _window_geometry
-from .tiles import add_pattern_bias, centred_window_padding, centred_window_tiles, tile_bias, tile_chunks, tile_slots
+from .tiles import (
+    add_pattern_bias,
+    can_lay_out,
+    centred_window_padding,
+    centred_window_tiles,
+    tile_bias,
+    tile_chunks,
+    tile_slots,
+)
 from .windows import all_int, pool_cells
 
 __all__ = [
@@ -385,9 +393,8 @@ def aggregated_attention_flex(
 
 
 def can_run_tiled(q, k, v, k_pool, v_pool, *args) -> Capability:
-    if not all_int(*q.shape, k_pool.shape[2]) and not torch.compiler.is_compiling():
-        return Capability.no("traced with symbolic sizes: the tiles are laid out for concrete ones")
-    return dispatch.one_wide_dtype(q, k, v, k_pool, v_pool)
+    verdict = can_lay_out(*q.shape, k_pool.shape[2])
+    return dispatch.one_wide_dtype(q, k, v, k_pool, v_pool) if verdict else verdict
 
 
 @functools.cache

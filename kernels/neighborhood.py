@@ -39,8 +39,7 @@ from .geometry import check_neighborhood as _check_window
 from .geometry import neighborhood_windows
 from .geometry import windows_1d as _windows_1d
 from .precision import float32_logits
-from .tiles import neighborhood_bias, neighborhood_tile_size, neighborhood_tiles, tiled_attention
-from .windows import all_int
+from .tiles import can_lay_out, neighborhood_bias, neighborhood_tile_size, neighborhood_tiles, tiled_attention
 
 __all__ = [
     "neighborhood_attention",
@@ -330,8 +329,9 @@ def neighborhood_attention_triton(q, k, v, kernel_size, dilation=1, rpb=None, sc
 
 
 def can_run_tiled(q, k, v, kernel_size, dilation=1, rpb=None, scale=None) -> Capability:
-    if not all_int(*q.shape) and not torch.compiler.is_compiling():  # compiled, it runs on concrete tensors
-        return Capability.no("traced with symbolic sizes: the tiles are laid out for concrete ones")
+    verdict = can_lay_out(*q.shape)
+    if not verdict:
+        return verdict
     if not q.shape == k.shape == v.shape:
         return Capability.no("q, k and v differ in shape")
     return dispatch.one_wide_dtype(q, k, v)

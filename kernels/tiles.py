@@ -27,12 +27,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .dispatch import Capability
 from .geometry import cached_geometry, windows_1d
 from .precision import float32_logits
+from .windows import all_int
 
 __all__ = [
     "Tiles",
     "add_pattern_bias",
+    "can_lay_out",
     "centred_window_padding",
     "centred_window_tiles",
     "neighborhood_bias",
@@ -73,6 +76,14 @@ class Tiles:
     @property
     def count(self) -> int:
         return self.blocks[-1][2]
+
+
+def can_lay_out(*sizes) -> Capability:
+    """Whether tiles can be laid out for these sizes: concrete ones (a compiled call runs on concrete tensors),
+    not the symbolic sizes of an export trace."""
+    if not all_int(*sizes) and not torch.compiler.is_compiling():
+        return Capability.no("traced with symbolic sizes: the tiles are laid out for concrete ones")
+    return Capability.yes()
 
 
 def _axis_tiles(length: int, kernel_size: int, dilation: int, tile: int, device: torch.device):
