@@ -169,11 +169,15 @@ def gather_pool_bias(cpb: torch.Tensor, cpb_rows: torch.Tensor, cpb_cols: torch.
 def _check_inputs(q: torch.Tensor, k_pool: torch.Tensor, cpb_rows: torch.Tensor, cpb_cols: torch.Tensor, window_size):
     """An odd window, and pooled-bias indices for the map's rows and columns and the pooled grid."""
     _check_window(window_size)
-    sizes = (*q.shape[2:4], k_pool.shape[2], *cpb_rows.shape, *cpb_cols.shape)
-    if cpb_rows.dim() != 2 or cpb_cols.dim() != 2 or not all_int(*sizes):
-        return
+    if cpb_rows.dim() != 2 or cpb_cols.dim() != 2:
+        raise ValueError(
+            f"cpb_rows and cpb_cols are (H, ph) and (W, pw) indices, got {cpb_rows.dim()}-d and {cpb_cols.dim()}-d"
+        )
     if cpb_rows.dtype.is_floating_point or cpb_cols.dtype.is_floating_point:
         raise TypeError(f"cpb_rows and cpb_cols are integer indices, got {cpb_rows.dtype} and {cpb_cols.dtype}")
+    sizes = (*q.shape[2:4], k_pool.shape[2], *cpb_rows.shape, *cpb_cols.shape)
+    if not all_int(*sizes):
+        return
     height, width, pool_len = sizes[:3]
     if cpb_rows.shape[0] != height or cpb_cols.shape[0] != width or cpb_rows.shape[1] * cpb_cols.shape[1] != pool_len:
         raise ValueError(

@@ -188,6 +188,23 @@ def test_pooled_coords_match_pairwise_definition():
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(cpb_rows=lambda t: t[:-1]), ValueError, "must be"),
+        (dict(cpb_cols=lambda t: t[:, :1]), ValueError, "pooled tokens"),
+        (dict(cpb_rows=lambda t: t.flatten()), ValueError, "1-d"),
+        (dict(cpb_cols=lambda t: t.float()), TypeError, "integer indices"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["reference", "tiled", "flex"])
+def test_malformed_pooled_bias_indices_are_refused(change, error, match, backend):
+    inputs = make_aggregated_inputs()
+    inputs.update({name: edit(inputs[name]) for name, edit in change.items()})
+    with pytest.raises(error, match=match):
+        aggregated_attention(**inputs, backend=backend)
+
+
 def test_masked_pooled_tokens_change_nothing():
     """Pooled tokens with bias -inf for every query (a column of the pooled grid whose indices point at a -inf
     column of the table, as the exported mixers' empty cells) get no weight and do not count in the length scale."""
