@@ -24,6 +24,7 @@ forward-only there, which take seconds a call.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ import torch
 import visionzoo.kernels as kernels
 from visionzoo.kernels import get_op, route_regions
 
+from host_syncs import no_host_syncs
 from oracles import pool_grid
 
 F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
@@ -525,6 +527,35 @@ AUTOCAST_PARAMS = [
 def test_auto_backend_under_cpu_autocast(op_name, case, dtype):
     """The automatic backend (reference or SDPA on CPU) given float32 tensors inside autocast."""
     _check(op_name, case, "auto", dtype, backward=True, autocast=dtype)
+
+
+def _sync_params():
+    """Per op, backend and device, the float32 case that uses the most features: ``flex`` and ``natten`` (flex
+    on CPU) left out, as ``no_host_syncs`` cannot run flex."""
+    chosen = {}
+    for p in _params():
+        op_name, case, backend, dtype, _ = p.values
+        key = (op_name, backend, case.device)
+        if dtype == F32 and backend not in ("flex", "natten"):
+            if key not in chosen or len(case.features) > len(chosen[key].values[1].features):
+                chosen[key] = p
+    return list(chosen.values())
+
+
+@pytest.mark.parametrize(("op_name", "case", "backend", "dtype", "backward"), _sync_params())
+def test_warm_calls_never_wait_on_the_device(op_name, case, backend, dtype, backward):
+    """Once a size's tables are built (the first call), forward and backward dispatch no op that would make a
+    GPU wait (``host_syncs.py``), so CUDA graphs and compiled models can capture them."""
+    generator = torch.Generator().manual_seed(0)
+    leaves = _leaves(case, case.make(generator), dtype, torch.device(case.device))
+    with torch.no_grad():
+        shape = _run(op_name, case, "reference", leaves, None)[0].shape
+    grad_out = torch.randn(shape, generator=generator).to(case.device) if backward else None
+    for warm in (False, True):
+        with no_host_syncs() if warm else contextlib.nullcontext():
+            _run(op_name, case, backend, leaves, grad_out)
+            with torch.no_grad():
+                _run(op_name, case, backend, leaves, None)
 
 
 def test_every_declared_backend_has_cases():

@@ -4,16 +4,20 @@ FX as timm's feature extractors trace it, checked against eager at sizes that pa
 torch.export and ONNX with dynamic sizes: ``test_export.py``; the kernel ops' custom operators are checked with
 ``torch.library.opcheck`` in ``test_dispatch.py``."""
 
+import contextlib
+
 import pytest
 import timm
 import torch
 from timm.layers import get_notrace_functions, get_notrace_modules
 
+from host_syncs import no_host_syncs
 from zoo_models import FAMILY_MODELS, MODELS
 
 # Trace at one size, check at another that pads to other window, region and pool multiples.
 TRACE_SIZE = (64, 64)
 CHECK_SIZE = (97, 75)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +70,19 @@ def test_compiled_training_step_matches_eager(name, one_thread):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("name", FAMILY_MODELS)
+def test_warm_forward_and_training_step_never_wait_on_the_device(name, device, one_thread):
+    """No host synchronisation inside a forward or a backward once a size has run (its tables built, Triton's
+    autotuning done), in eval and training mode: what CUDA graphs (``mode="reduce-overhead"``) need."""
+    model, x = _model(name).to(device), torch.randn(2, 3, *CHECK_SIZE, device=device)
+    for warm in (False, True):
+        with no_host_syncs() if warm else contextlib.nullcontext():
+            with torch.no_grad():
+                model.eval()(x)
+            model.train()(x).square().mean().backward()
 
 
 def _fx_model(model: torch.nn.Module) -> torch.fx.GraphModule:
