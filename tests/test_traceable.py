@@ -72,7 +72,7 @@ def test_compiled_training_step_matches_eager(name, one_thread):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow), pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("name", FAMILY_MODELS)
 def test_warm_forward_and_training_step_never_wait_on_the_device(name, device, one_thread):
     """No host synchronisation inside a forward or a backward once a size has run (its tables built, Triton's
