@@ -36,9 +36,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
 
 # 1. CUDA tests: the Triton kernels' own tests, every op backend against the reference on the GPU (parity suite),
 #    and the host-sync checks of every op backend and every family (forward and training step).
-[ -z "${SKIP_TESTS:-}" ] && step kernel-tests 150 $PY -m pytest -q -p no:cacheprovider -m "not slow" tests/test_triton_neighborhood.py \
+step kernel-tests 150 $PY -m pytest -q -p no:cacheprovider -m "not slow" tests/test_triton_neighborhood.py \
 	tests/test_triton_routing.py tests/test_triton_aggregated.py
-[ -z "${SKIP_TESTS:-}" ] && step cuda-tests 150 $PY -m pytest -q -p no:cacheprovider -m "not slow" tests/test_backend_parity.py \
+step cuda-tests 150 $PY -m pytest -q -p no:cacheprovider -m "not slow" tests/test_backend_parity.py \
 	tests/test_traceable.py -k "cuda or warm"
 
 # 2. The models eagerly, AMP (fp16 autocast; fp32 on a CPU), channels-last, ours against the timm peers in one process.
